@@ -1,0 +1,105 @@
+"""Checkpoints: safetensors weights + trainer state, written atomically, keep-last-k.
+
+A checkpoint is a folder ``checkpoints/step_XXXXXXXX`` holding ``model.safetensors`` (student,
+momentum, tau), ``rings.safetensors`` and ``trainer.pt`` (optimizer, scheduler, scaler, RNG
+states, ring pointer, data position). It is written under a hidden temporary name, every file
+fsynced, then renamed into place: a checkpoint is complete or absent.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from fastmsd.momentum import Rings
+
+FILES = ("model.safetensors", "rings.safetensors", "trainer.pt")
+_PREFIX = "step_"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    # Parameters are views of one flat buffer; safetensors refuses shared storage, so copy.
+    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, rings: Rings,
+                    trainer_state: dict[str, Any], keep_last: int = 2) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{_PREFIX}{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file(_tensors(model), tmp / "model.safetensors")
+    save_file({"img": rings.img.contiguous(), "txt": rings.txt.contiguous()}, tmp / "rings.safetensors")
+    torch.save({**trainer_state, "ring_ptr": rings.ptr, "ring_n_valid": rings.n_valid}, tmp / "trainer.pt")
+    for name in FILES:
+        _fsync(tmp / name)
+    _fsync(tmp)
+    if final.exists():
+        # Re-saving a step (after a resume): the old copy goes only once the new one is whole.
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+    _fsync(root)
+    for stale in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(stale)
+    return final
+
+
+def is_complete(path: str | Path) -> bool:
+    path = Path(path)
+    return path.name.startswith(_PREFIX) and all((path / f).is_file() for f in FILES)
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if is_complete(p)]
+    return sorted(found, key=lambda p: int(p.name[len(_PREFIX):]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def load_weights(path: str | Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
+    """Copy a checkpoint's model weights into ``model`` in place."""
+    model.load_state_dict(load_file(Path(path) / "model.safetensors", device=str(device)))
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, rings: Rings,
+                    device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Restore weights and rings in place (parameter views survive); return the trainer state."""
+    path = Path(path)
+    missing = [f for f in FILES if not (path / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"checkpoint {path} is incomplete: missing {', '.join(missing)}")
+    load_weights(path, model, device)
+    # RNG states must stay on the host; the optimizer moves its own state to the parameters.
+    state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
+    ring_tensors = load_file(path / "rings.safetensors", device=str(device))
+    rings.load_state_dict({**ring_tensors, "ptr": state.pop("ring_ptr"),
+                           "n_valid": state.pop("ring_n_valid")})
+    return state

@@ -1,0 +1,182 @@
+"""The `fastmsd` command: train, synth, eval.
+
+User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
+code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastmsd.config import Config, ConfigError, TrainConfig, preset
+from fastmsd.memory import parse_size
+
+DEFAULT_DATA = TrainConfig.data
+
+# CLI option -> (config section, field). Only options the user gives override the preset, or
+# the saved config of a resumed run.
+_OVERRIDES = {
+    "data": ("train", "data"),
+    "runs_dir": ("train", "runs_dir"),
+    "name": ("train", "name"),
+    "device": ("train", "device"),
+    "precision": ("train", "precision"),
+    "steps": ("train", "steps"),
+    "batch_size": ("train", "batch_size"),
+    "micro_batch_size": ("train", "micro_batch_size"),
+    "key_chunk": ("train", "key_chunk"),
+    "queue_size": ("train", "queue_size"),
+    "accum_mode": ("train", "accum_mode"),
+    "alpha": ("train", "alpha"),
+    "alpha_warmup_steps": ("train", "alpha_warmup_steps"),
+    "lr": ("train", "lr"),
+    "seed": ("train", "seed"),
+    "grad_checkpointing": ("train", "grad_checkpointing"),
+    "log_every": ("train", "log_every"),
+    "save_every": ("train", "save_every"),
+    "gpu_mem": ("train", "gpu_mem"),
+    "eval_at_end": ("train", "eval_at_end"),
+    "image_encoder": ("model", "image_encoder"),
+    "text_encoder": ("model", "text_encoder"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmsd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tr = sub.add_parser("train", help="train a model (default: tiny on synthcxr on CPU, base on GPU)")
+    tr.add_argument("--preset", choices=["tiny", "base"], help="model and schedule preset")
+    tr.add_argument("--config", help="a YAML config (as saved in a run folder) instead of a preset")
+    tr.add_argument("--data", help=f"dataset folder in the MIMIC-CXR-JPG layout (default "
+                                   f"{DEFAULT_DATA}, synthcxr generated on first use)")
+    tr.add_argument("--runs-dir", help="where run folders live (default runs)")
+    tr.add_argument("--name", help="run name (default PRESET-DATE-TIME)")
+    tr.add_argument("--resume", help="'latest' (of --name, or the newest run) or a checkpoint folder")
+    tr.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resumable)")
+    tr.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
+    tr.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    tr.add_argument("--gpu-mem", help="GPU memory budget, e.g. 12G, 12GiB, 12000MiB")
+    tr.add_argument("--steps", type=int, help="optimizer steps of the whole schedule")
+    tr.add_argument("--batch-size", type=int, help="effective batch N")
+    tr.add_argument("--micro-batch-size", type=int, help="micro-batch b (A = ceil(N / b))")
+    tr.add_argument("--key-chunk", type=int, help="keys-phase chunk size")
+    tr.add_argument("--queue-size", type=int, help="ring capacity Q (>= N)")
+    tr.add_argument("--accum-mode", choices=["exact", "naive"])
+    tr.add_argument("--alpha", type=float, help="distillation weight after the ramp")
+    tr.add_argument("--alpha-warmup-steps", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None)
+    tr.add_argument("--log-every", type=int)
+    tr.add_argument("--save-every", type=int)
+    tr.add_argument("--image-encoder", help="timm model name")
+    tr.add_argument("--text-encoder", help="transformers model name or local model folder")
+    tr.add_argument("--no-eval", dest="eval_at_end", action="store_false", default=None,
+                    help="skip the zero-shot evaluation at the end")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    sy = sub.add_parser("synth", help="generate the synthcxr dataset")
+    sy.add_argument("--out", default=DEFAULT_DATA, help=f"output folder (default {DEFAULT_DATA})")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.add_argument("--n-train", type=int, default=5000, help="training images")
+    sy.add_argument("--n-per-class", type=int, default=200, help="zero-shot test images per class")
+    sy.add_argument("--size", type=int, default=256, help="image side in pixels")
+    sy.add_argument("--workers", type=int, help="processes (default: all cores)")
+    sy.add_argument("--preview", help="also write a PNG grid of samples with their reports")
+
+    ev = sub.add_parser("eval", help="zero-shot 5-class evaluation on synthcxr")
+    ev.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ev.add_argument("--data", help="synthcxr folder (default: the run's training data)")
+    ev.add_argument("--device", default="auto")
+    return parser
+
+
+def _positive(args: argparse.Namespace, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def _train_config(args: argparse.Namespace) -> Config:
+    import torch
+
+    from fastmsd.config import load_yaml
+    from fastmsd.run import locate_checkpoint, run_config
+
+    if args.resume is not None:
+        runs_dir = args.runs_dir or TrainConfig.runs_dir
+        cfg = run_config(locate_checkpoint(runs_dir, args.name, args.resume))
+    elif args.config is not None:
+        cfg = load_yaml(args.config)
+    else:
+        cfg = preset(args.preset or ("base" if torch.cuda.is_available() else "tiny"))
+    for option, (section, field) in _OVERRIDES.items():
+        value = getattr(args, option)
+        if value is not None:
+            setattr(getattr(cfg, section), field, value)
+    cfg.validate()
+    return cfg
+
+
+def _train(args: argparse.Namespace) -> None:
+    if args.gpu_mem is not None:
+        parse_size(args.gpu_mem)
+    _positive(args, ["steps", "batch_size", "micro_batch_size", "key_chunk", "queue_size",
+                     "stop_after", "log_every", "save_every"])
+    if args.data is not None and not Path(args.data).is_dir():
+        raise ConfigError(f"data folder {args.data} not found")
+    cfg = _train_config(args)
+    from fastmsd.run import train
+
+    train(cfg, resume=args.resume, stop_after=args.stop_after,
+          generate_data=cfg.train.data == DEFAULT_DATA, progress=not args.no_progress)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    _positive(args, ["n_train", "n_per_class", "size", "workers"])
+    from fastmsd.data.synthetic import generate, preview
+
+    out = generate(args.out, seed=args.seed, n_train=args.n_train, n_per_class=args.n_per_class,
+                   size=args.size, workers=args.workers)
+    print(f"synthcxr ready in {out}")
+    if args.preview:
+        print(f"preview written to {preview(out, args.preview)}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import json
+
+    from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
+    from fastmsd.run import load_trained, resolve_device
+
+    device = resolve_device(args.device)
+    cfg, model, tokenizer, checkpoint = load_trained(args.run, device)
+    data = Path(args.data or cfg.train.data)
+    if not data.is_dir():
+        raise ConfigError(f"data folder {data} not found")
+    results = evaluate_synthcxr(model.student, tokenizer, data, cfg.model, device)
+    (checkpoint / "zeroshot.json").write_text(json.dumps(results, indent=2))
+    print(f"{checkpoint}\n{format_results(results)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        {"train": _train, "synth": _synth, "eval": _eval}[args.command](args)
+    except (ConfigError, FileNotFoundError) as err:
+        print(f"fastmsd: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmsd: interrupted (resume from the last checkpoint with --resume latest)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

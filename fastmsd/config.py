@@ -1,0 +1,177 @@
+"""Dataclass configs, the `tiny` and `base` presets, and YAML load/save."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
+
+
+@dataclass
+class ModelConfig:
+    image_encoder: str = "convnext_atto"
+    # Extra timm constructor arguments (depths, dims, img_size, ...).
+    image_encoder_args: dict[str, Any] = field(default_factory=dict)
+    # A local weights file for the image encoder (timm reads it instead of the hub).
+    image_weights: str | None = None
+    image_size: int = 64
+    in_chans: int = 1
+    # A transformers model name or a local directory holding config (+ weights, tokenizer).
+    text_encoder: str = "bert-tiny"
+    # BertConfig overrides for config-only construction (no weights available offline).
+    text_encoder_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    max_len: int = 64
+    vocab_size: int = 2048  # WordPiece size when the tokenizer is trained on the reports
+    embed_dim: int = 256
+    tau_init: float = 0.07
+    tau_min: float = 0.001
+    tau_max: float = 0.5
+    momentum: float = 0.995
+
+
+@dataclass
+class TrainConfig:
+    data: str = "data/synthcxr"
+    runs_dir: str = "runs"
+    name: str | None = None
+    device: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    batch_size: int = 128  # effective batch N
+    micro_batch_size: int = 64  # b; the last micro-batch may be shorter
+    key_chunk: int = 256  # keys-phase chunk (no activations are kept, so it may exceed b)
+    queue_size: int = 2048  # ring capacity Q, must be >= N
+    accum_mode: str = "exact"  # exact | naive
+    alpha: float = 0.4
+    alpha_warmup_steps: int = 200
+    steps: int = 1200
+    lr: float = 1e-3
+    weight_decay: float = 0.02
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    grad_checkpointing: bool = False
+    seed: int = 0
+    log_every: int = 20
+    save_every: int = 400
+    keep_last: int = 2
+    gpu_mem: str | None = None
+    eval_at_end: bool = True
+
+
+@dataclass
+class Config:
+    preset: str = "tiny"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        t, m = self.train, self.model
+        if t.batch_size < 1 or t.micro_batch_size < 1 or t.key_chunk < 1:
+            raise ConfigError("batch sizes and the key chunk must be positive")
+        if t.queue_size < t.batch_size:
+            raise ConfigError(
+                f"queue size {t.queue_size} is smaller than the effective batch {t.batch_size}: "
+                "the ring must hold every key of one effective batch (--queue-size >= --batch-size)"
+            )
+        if t.accum_mode not in ("exact", "naive"):
+            raise ConfigError(f"unknown --accum-mode {t.accum_mode!r} (exact or naive)")
+        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"unknown --precision {t.precision!r} (auto, fp32, bf16 or fp16)")
+        if not 0.0 <= t.alpha <= 1.0:
+            raise ConfigError(f"alpha must lie in [0, 1], got {t.alpha}")
+        if t.steps < 1:
+            raise ConfigError("--steps must be positive")
+        if not 0.0 <= m.momentum < 1.0:
+            raise ConfigError(f"momentum must lie in [0, 1), got {m.momentum}")
+        if not m.tau_min <= m.tau_init <= m.tau_max:
+            raise ConfigError(f"tau_init {m.tau_init} is outside [{m.tau_min}, {m.tau_max}]")
+
+
+def _tiny() -> Config:
+    return Config(
+        preset="tiny",
+        model=ModelConfig(
+            image_encoder="convnext_atto",
+            image_encoder_args={"dims": [24, 48, 96, 192], "depths": [1, 1, 2, 1]},
+            image_size=64,
+            in_chans=1,
+            text_encoder="bert-tiny",
+            max_len=64,
+            vocab_size=2048,
+        ),
+        train=TrainConfig(),
+    )
+
+
+def _base() -> Config:
+    return Config(
+        preset="base",
+        model=ModelConfig(
+            image_encoder="vit_base_patch16_224",
+            image_size=224,
+            in_chans=3,
+            text_encoder="bert-base-uncased",
+            max_len=128,
+            vocab_size=30522,
+        ),
+        train=TrainConfig(
+            batch_size=4096,
+            micro_batch_size=64,
+            key_chunk=512,
+            queue_size=65536,
+            steps=20000,
+            lr=1e-4,
+            warmup_steps=1000,
+            alpha_warmup_steps=2000,
+            weight_decay=0.05,
+            grad_checkpointing=True,
+            log_every=50,
+            save_every=1000,
+        ),
+    )
+
+
+PRESETS = {"tiny": _tiny, "base": _base}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    return PRESETS[name]()
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d: dict[str, Any]) -> Config:
+    def build(cls: type, values: dict[str, Any]) -> Any:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(sorted(unknown))}")
+        return cls(**values)
+
+    return Config(
+        preset=d.get("preset", "tiny"),
+        model=build(ModelConfig, d.get("model", {})),
+        train=build(TrainConfig, d.get("train", {})),
+    )
+
+
+def save_yaml(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_yaml(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    return from_dict(yaml.safe_load(path.read_text()) or {})

@@ -1,0 +1,198 @@
+"""The training loop: keys phase, query phase, optimizer step, logging (DESIGN.md section 1).
+
+One optimizer step over an effective batch of N pairs:
+1. keys: the momentum towers embed all N pairs (no grad, in chunks) straight into the rings at
+   rows ptr .. ptr+N-1 (mod Q);
+2. queries: each micro-batch of the student is scored against the whole ring, which already
+   holds every key of the effective batch, and backpropagates loss/N;
+3. step: clip, AdamW, clamp tau, EMA, advance the ring pointer.
+``accum_mode="naive"`` instead embeds, enqueues and EMA-updates per micro-batch (ALBEF-style
+accumulation), kept for ablations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastmsd.config import Config
+from fastmsd.model import MSDModel
+from fastmsd.momentum import Rings, ema_update, flatten_parameters
+from fastmsd.objective import msd_loss_reference
+
+
+@dataclass
+class Batch:
+    """Model-ready inputs of one effective batch (or a slice of it), on the device."""
+
+    images: torch.Tensor  # float [n, C, H, W]
+    input_ids: torch.Tensor  # int [n, L]
+    attention_mask: torch.Tensor  # [n, L]
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def slice(self, start: int, end: int) -> Batch:
+        return Batch(self.images[start:end], self.input_ids[start:end], self.attention_mask[start:end])
+
+
+def alpha_at(step: int, alpha: float, warmup_steps: int) -> float:
+    """Distillation weight: a linear ramp from 0 at step 0 to ``alpha`` at ``warmup_steps``."""
+    if warmup_steps <= 0:
+        return alpha
+    return alpha * min(1.0, step / warmup_steps)
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warmup, then cosine decay to zero at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if device.type != "cuda":
+        if precision in ("bf16", "fp16"):
+            # This CPU path exists for tests and the tiny demo, which the design runs in fp32.
+            raise ValueError(f"--precision {precision} needs a CUDA device; the CPU trains in fp32")
+        return "fp32"
+    return "bf16" if precision == "auto" else precision
+
+
+class Engine:
+    """The model, its momentum side, the rings and the optimizer of one training run."""
+
+    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str,
+                 loss_fn: Callable[..., torch.Tensor] = msd_loss_reference):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.model.train()
+        # After .to(): flattening replaces each parameter's storage with a view of one buffer.
+        self.student_flat = flatten_parameters(self.model.student)
+        self.momentum_flat = flatten_parameters(self.model.momentum)
+        if cfg.train.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+        self.rings = Rings(cfg.train.queue_size, cfg.model.embed_dim, self.device)
+        self.loss_fn = loss_fn
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.optimizer = self._build_optimizer()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, cfg.train.warmup_steps, cfg.train.steps),
+        )
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+
+    def _build_optimizer(self) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for p in self.model.student.parameters():
+            (decay if p.ndim >= 2 else no_decay).append(p)
+        no_decay.append(self.model.tau)
+        groups = [{"params": decay, "weight_decay": t.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
+                                 fused=self.device.type == "cuda")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    @property
+    def alpha(self) -> float:
+        return alpha_at(self.step, self.cfg.train.alpha, self.cfg.train.alpha_warmup_steps)
+
+    @torch.no_grad()
+    def encode_keys(self, batch: Batch, offset: int = 0) -> None:
+        """Keys phase: momentum embeddings written in place at rows ptr + offset + i."""
+        chunk = self.cfg.train.key_chunk
+        teacher = self.model.momentum
+        for start in range(0, len(batch), chunk):
+            part = batch.slice(start, start + chunk)
+            with self.autocast():
+                k_img = teacher.encode_image(part.images)
+                k_txt = teacher.encode_text(part.input_ids, part.attention_mask)
+            self.rings.write(offset + start, k_img.float(), k_txt.float())
+
+    def micro_batch_loss(self, micro: Batch, offset: int, divisor: int, alpha: float) -> torch.Tensor:
+        """Student rows ``offset ..`` of the effective batch against the whole ring."""
+        student = self.model.student
+        with self.autocast():
+            img = student.encode_image(micro.images)
+            txt = student.encode_text(micro.input_ids, micro.attention_mask)
+        rings = self.rings
+        pos = rings.rows(offset, len(micro))
+        # The teacher's own rows are its keys, already in the rings at the positive columns.
+        return self.loss_fn(img, txt, rings.img[pos], rings.txt[pos], rings.img, rings.txt, pos,
+                            rings.n_valid, self.model.tau, alpha, divisor)
+
+    def accumulate_gradients(self, batch: Batch) -> torch.Tensor:
+        """Keys and query phases of one effective batch; returns the summed loss (no sync)."""
+        n, b = len(batch), self.cfg.train.micro_batch_size
+        alpha = self.alpha
+        exact = self.cfg.train.accum_mode == "exact"
+        if exact:
+            self.encode_keys(batch)
+        total = torch.zeros((), device=self.device)
+        for start in range(0, n, b):
+            micro = batch.slice(start, start + b)
+            if not exact:
+                # ALBEF's order: EMA in every forward, then this micro-batch's keys alone.
+                ema_update(self.momentum_flat, self.student_flat, self.cfg.model.momentum)
+                self.encode_keys(micro, offset=start)
+            loss = self.micro_batch_loss(micro, start, n, alpha)
+            self.scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+
+    def optimizer_step(self, n: int) -> torch.Tensor:
+        """Clip, step, clamp tau, EMA, advance the rings by ``n``; returns the grad norm."""
+        t, m = self.cfg.train, self.cfg.model
+        self.scaler.unscale_(self.optimizer)
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.tau.clamp_(m.tau_min, m.tau_max)
+        if t.accum_mode == "exact":
+            ema_update(self.momentum_flat, self.student_flat, m.momentum)
+        self.rings.advance(n)
+        self.step += 1
+        return grad_norm
+
+    def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        loss = self.accumulate_gradients(batch)
+        return loss, self.optimizer_step(len(batch))
+
+    def state_dict(self) -> dict:
+        """Trainer state beside the weights and rings (see fastmsd.checkpoint)."""
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+        }
+        if self.device.type == "cuda":
+            state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if "rng_cuda" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng_cuda"], self.device)

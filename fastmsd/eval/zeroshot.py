@@ -1,0 +1,98 @@
+"""Zero-shot 5-class classification on the synthcxr 5x200 test set (image-prompt similarity)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmsd.config import ModelConfig
+from fastmsd.data.loader import load_images, to_model_input
+from fastmsd.data.mimic import read_mimic_cxr
+from fastmsd.data.text import tokenize
+from fastmsd.eval.metrics import macro_auc_ovr
+from fastmsd.model import Tower
+
+# Several phrasings per class, averaged in embedding space (as CLIP-style prompt ensembles do).
+PROMPTS: dict[str, list[str]] = {
+    "atelectasis": ["atelectasis", "bibasilar atelectasis", "there is atelectasis at the lung base",
+                    "plate-like atelectasis", "basilar collapse with volume loss"],
+    "cardiomegaly": ["cardiomegaly", "the heart is enlarged", "the heart size is enlarged",
+                     "moderate cardiomegaly", "enlarged cardiac silhouette"],
+    "consolidation": ["consolidation", "focal consolidation", "there is a focal consolidation",
+                      "airspace consolidation concerning for pneumonia", "dense airspace opacity"],
+    "edema": ["edema", "pulmonary edema", "moderate pulmonary edema",
+              "interstitial edema with vascular congestion", "pulmonary vascular congestion"],
+    "pleural_effusion": ["pleural effusion", "there is a pleural effusion",
+                         "moderate pleural effusion", "layering pleural effusion",
+                         "blunting of the costophrenic angle"],
+}
+CLASSES = tuple(PROMPTS)
+ZEROSHOT_FILE = "synthcxr-5x200.csv"
+
+
+def load_zeroshot_set(root: str | Path) -> tuple[list[Path], np.ndarray]:
+    """Image paths and class indices of the 5x200 test list of a synthcxr folder."""
+    root = Path(root)
+    listing = root / ZEROSHOT_FILE
+    if not listing.is_file():
+        raise FileNotFoundError(f"no zero-shot test list {listing}")
+    paths = {r.dicom_id: r.image_path for r in read_mimic_cxr(root)}
+    with listing.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    unknown = sorted({r["label"] for r in rows} - set(CLASSES))
+    if unknown:
+        raise ValueError(f"{listing} names unknown classes: {', '.join(unknown)}")
+    return [paths[r["dicom_id"]] for r in rows], np.array([CLASSES.index(r["label"]) for r in rows])
+
+
+@torch.no_grad()
+def class_embeddings(tower: Tower, tokenizer, max_len: int, device: torch.device) -> torch.Tensor:
+    """[C, D]: the normalised mean of each class's normalised prompt embeddings."""
+    out = []
+    for name in CLASSES:
+        ids, mask = tokenize(tokenizer, PROMPTS[name], max_len)
+        emb = tower.encode_text(ids.long().to(device), mask.to(device))
+        out.append(torch.nn.functional.normalize(emb.float().mean(0), dim=0))
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, cfg: ModelConfig,
+             device: torch.device, batch_size: int = 256) -> dict:
+    """Accuracy and one-vs-rest macro AUC of prompt-similarity classification."""
+    was_training = tower.training
+    tower.eval()
+    try:
+        classes = class_embeddings(tower, tokenizer, cfg.max_len, device)
+        scores = []
+        for start in range(0, len(images), batch_size):
+            x = to_model_input(images[start : start + batch_size], cfg.in_chans).to(device)
+            scores.append((tower.encode_image(x).float() @ classes.T).cpu())
+    finally:
+        tower.train(was_training)
+    s = torch.cat(scores).numpy()
+    macro, per_class = macro_auc_ovr(s, labels)
+    return {
+        "accuracy": float((s.argmax(1) == labels).mean()),
+        "macro_auc": macro,
+        "auc": dict(zip(CLASSES, per_class, strict=True)),
+        "n": len(labels),
+    }
+
+
+def evaluate_synthcxr(tower: Tower, tokenizer, root: str | Path, cfg: ModelConfig,
+                      device: torch.device) -> dict:
+    paths, labels = load_zeroshot_set(root)
+    return zeroshot(tower, tokenizer, load_images(paths, cfg.image_size, "eval images"), labels, cfg,
+                    device)
+
+
+def format_results(results: dict) -> str:
+    lines = ["| class | AUC |", "|---|---|"]
+    lines += [f"| {name} | {auc:.3f} |" for name, auc in results["auc"].items()]
+    lines.append(f"| **macro** | **{results['macro_auc']:.3f}** |")
+    lines.append(f"\nzero-shot 5-class accuracy {results['accuracy']:.3f} on {results['n']} images")
+    return "\n".join(lines)

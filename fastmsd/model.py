@@ -1,0 +1,140 @@
+"""Encoders by name (timm / transformers), projections, and the student + momentum pair."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastmsd.config import ConfigError, ModelConfig
+
+# Architectures that can be built offline from a config alone (no hub access): BertConfig
+# overrides. Dropout is off in the tiny encoder because its runs are too short to overfit.
+TEXT_CONFIGS: dict[str, dict] = {
+    "bert-tiny": {
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 512,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    },
+    "bert-base-uncased": {},
+}
+
+
+def build_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """A timm backbone returning pooled features (``num_features`` wide)."""
+    import timm
+
+    if not timm.is_model(cfg.image_encoder):
+        raise ConfigError(
+            f"unknown image encoder {cfg.image_encoder!r}: not a timm model name "
+            "(see timm.list_models())"
+        )
+    kwargs = dict(cfg.image_encoder_args)
+    pretrained = cfg.pretrained
+    if cfg.image_weights is not None:
+        weights = Path(cfg.image_weights)
+        if not weights.is_file():
+            raise ConfigError(f"image encoder weights {weights} not found")
+        pretrained = True
+        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
+    return timm.create_model(
+        cfg.image_encoder, pretrained=pretrained, num_classes=0, in_chans=cfg.in_chans, **kwargs
+    )
+
+
+def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
+    """A transformers encoder whose CLS state embeds a report.
+
+    A local directory loads its config and weights; a known name is built from its config
+    alone (random init, the vocabulary sized to our tokenizer) unless ``pretrained`` asks the
+    hub for weights.
+    """
+    from transformers import AutoConfig, AutoModel, BertConfig, BertModel
+
+    source = Path(cfg.text_encoder)
+    if source.is_dir():
+        config = AutoConfig.from_pretrained(source)
+        for key, value in cfg.text_encoder_args.items():
+            setattr(config, key, value)
+        extra = {"add_pooling_layer": False} if config.model_type == "bert" else {}
+        try:
+            model, info = AutoModel.from_pretrained(source, config=config, attn_implementation="sdpa",
+                                                    output_loading_info=True, **extra)
+        except RuntimeError as err:  # transformers refuses mis-shaped weights
+            raise ConfigError(f"text encoder {source}: weights do not fit its config "
+                              f"(check text_encoder_args): {str(err).splitlines()[0]}") from err
+        # Missing weights would be initialised at random with only a warning: a "pretrained"
+        # encoder that is partly random must not pass silently.
+        if info["missing_keys"]:
+            raise ConfigError(f"text encoder {source}: {len(info['missing_keys'])} weights missing, "
+                              f"e.g. {sorted(info['missing_keys'])[0]}")
+        return model
+    if cfg.text_encoder not in TEXT_CONFIGS:
+        raise ConfigError(
+            f"unknown text encoder {cfg.text_encoder!r}: give a local model directory or one of "
+            f"{', '.join(TEXT_CONFIGS)}"
+        )
+    if cfg.pretrained:
+        return AutoModel.from_pretrained(cfg.text_encoder, attn_implementation="sdpa")
+    config = BertConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max(512, cfg.max_len),
+        **{**TEXT_CONFIGS[cfg.text_encoder], **cfg.text_encoder_args},
+    )
+    config._attn_implementation = "sdpa"
+    return BertModel(config, add_pooling_layer=False)
+
+
+class Tower(nn.Module):
+    """One image encoder and one text encoder, each projected to the shared unit sphere."""
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_proj = nn.Linear(image_encoder.num_features, embed_dim)
+        self.text_proj = nn.Linear(text_encoder.config.hidden_size, embed_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return F.normalize(self.text_proj(hidden.last_hidden_state[:, 0]), dim=-1)
+
+
+class MSDModel(nn.Module):
+    """Student tower, its EMA (momentum) copy, and the learnable temperature."""
+
+    def __init__(self, student: Tower, tau_init: float):
+        super().__init__()
+        self.student = student
+        self.momentum = copy.deepcopy(student)
+        self.momentum.requires_grad_(False)
+        self.tau = nn.Parameter(torch.tensor(float(tau_init)))
+
+    def train(self, mode: bool = True) -> MSDModel:
+        super().train(mode)
+        # The teacher is a fixed target inside a step: never dropout, never batch statistics.
+        self.momentum.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute student activations in backward (the teacher keeps none)."""
+        self.student.image_encoder.set_grad_checkpointing(enable)
+        text = self.student.text_encoder
+        if enable:
+            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            text.gradient_checkpointing_disable()
+
+
+def build_model(cfg: ModelConfig, vocab_size: int) -> MSDModel:
+    tower = Tower(build_image_encoder(cfg), build_text_encoder(cfg, vocab_size), cfg.embed_dim)
+    return MSDModel(tower, cfg.tau_init)

@@ -1,0 +1,98 @@
+"""The momentum side: flat parameter buffers with a one-op EMA, and the two key rings."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def flatten_parameters(module: nn.Module) -> torch.Tensor:
+    """Move every parameter of ``module`` into one flat buffer and make each a view of it.
+
+    One buffer turns the EMA into a single fused op. Parameters must share one dtype and
+    device; call this after the module has reached its device, since ``.to()`` would replace
+    the views with fresh tensors.
+    """
+    params = list(module.parameters())
+    dtypes = {p.dtype for p in params}
+    devices = {p.device for p in params}
+    if len(dtypes) != 1 or len(devices) != 1:
+        raise ValueError(f"flat buffer needs one dtype and device, got {dtypes} on {devices}")
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat[offset : offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+def is_view_of(module: nn.Module, flat: torch.Tensor) -> bool:
+    """True while every parameter still lives inside ``flat`` (nothing reallocated it)."""
+    start = flat.data_ptr()
+    end = start + flat.numel() * flat.element_size()
+    return all(start <= p.data_ptr() < end for p in module.parameters())
+
+
+@torch.no_grad()
+def ema_update(momentum_flat: torch.Tensor, student_flat: torch.Tensor, m: float) -> None:
+    """theta' = m * theta' + (1 - m) * theta, in place, in one op over the flat buffers."""
+    momentum_flat.lerp_(student_flat, 1.0 - m)
+
+
+class Rings:
+    """Image and text rings of momentum keys, written in place at a host-side pointer.
+
+    Rows ``0 .. n_valid - 1`` hold keys: the rings fill from row 0 and, once full, stay full,
+    so the valid slots are always a prefix. ``ptr`` and ``n_valid`` are Python ints so that
+    no step needs a device-to-host sync.
+    """
+
+    def __init__(self, capacity: int, dim: int, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32):
+        if capacity < 1:
+            raise ValueError(f"ring capacity must be positive, got {capacity}")
+        self.img = torch.zeros(capacity, dim, device=device, dtype=dtype)
+        self.txt = torch.zeros(capacity, dim, device=device, dtype=dtype)
+        self.ptr = 0
+        self.n_valid = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.img.shape[0]
+
+    def rows(self, offset: int, n: int) -> torch.Tensor:
+        """Ring rows of the keys ``offset .. offset + n - 1`` of the current effective batch."""
+        start = self.ptr + offset
+        return (torch.arange(start, start + n, device=self.img.device) % self.capacity)
+
+    @torch.no_grad()
+    def write(self, offset: int, k_img: torch.Tensor, k_txt: torch.Tensor) -> None:
+        """Write keys at rows ``ptr + offset ...`` (mod Q) without moving the pointer."""
+        n = k_img.shape[0]
+        if n > self.capacity:
+            raise ValueError(f"{n} keys do not fit a ring of {self.capacity}")
+        start = (self.ptr + offset) % self.capacity
+        first = min(n, self.capacity - start)
+        for ring, keys in ((self.img, k_img), (self.txt, k_txt)):
+            ring[start : start + first] = keys[:first]
+            ring[: n - first] = keys[first:]
+        if self.n_valid < self.capacity:
+            # Not yet full means ptr == n_valid, so the written rows extend the valid prefix.
+            self.n_valid = min(self.capacity, max(self.n_valid, self.ptr + offset + n))
+
+    def advance(self, n: int) -> None:
+        self.ptr = (self.ptr + n) % self.capacity
+
+    def state_dict(self) -> dict:
+        return {"img": self.img, "txt": self.txt, "ptr": self.ptr, "n_valid": self.n_valid}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["img"].shape != self.img.shape:
+            raise ValueError(
+                f"ring shape {tuple(state['img'].shape)} in the checkpoint, {tuple(self.img.shape)} here"
+            )
+        self.img.copy_(state["img"])
+        self.txt.copy_(state["txt"])
+        self.ptr = int(state["ptr"])
+        self.n_valid = int(state["n_valid"])

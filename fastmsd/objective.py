@@ -1,0 +1,79 @@
+"""The eager reference MSD loss (DESIGN.md section 1): the oracle and the baseline.
+
+Both directions share one formula: student rows ``q`` against a ring ``bank`` of momentum
+keys, soft targets ``y = alpha * softmax(teacher logits) + (1 - alpha) * onehot(pos)``, and the
+cross-entropy summed over rows and divided by ``divisor`` (the effective batch N under exact
+accumulation, so that summed micro-batch gradients equal the gradient of one large batch).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _check(
+    img: torch.Tensor,
+    ring_img: torch.Tensor,
+    ring_txt: torch.Tensor,
+    pos: torch.Tensor,
+    n_valid: int,
+) -> None:
+    if img.ndim != 2 or ring_img.ndim != 2 or ring_img.shape != ring_txt.shape:
+        raise ValueError(
+            f"expected rows [b, D] and two rings [Q, D]; got {tuple(img.shape)}, "
+            f"{tuple(ring_img.shape)}, {tuple(ring_txt.shape)}"
+        )
+    if img.shape[1] != ring_img.shape[1]:
+        raise ValueError(f"row width {img.shape[1]} != ring width {ring_img.shape[1]}")
+    if pos.shape != (img.shape[0],):
+        raise ValueError(f"pos must have shape ({img.shape[0]},), got {tuple(pos.shape)}")
+    if not 0 < n_valid <= ring_img.shape[0]:
+        raise ValueError(f"n_valid {n_valid} outside (0, {ring_img.shape[0]}]")
+
+
+def _direction(
+    q: torch.Tensor,
+    q_m: torch.Tensor,
+    bank: torch.Tensor,
+    pos: torch.Tensor,
+    tau: torch.Tensor | float,
+    alpha: float,
+) -> torch.Tensor:
+    # At least fp32 (bf16 rows under autocast), fp64 kept for the oracle.
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    bank = bank.to(dtype)
+    logits = q.to(dtype) @ bank.T / tau
+    with torch.no_grad():
+        target = torch.zeros_like(logits)
+        if alpha > 0:
+            teacher = q_m.to(dtype) @ bank.T / tau
+            target += alpha * teacher.softmax(dim=-1)
+        target[torch.arange(len(pos), device=pos.device), pos] += 1.0 - alpha
+    return -(target * F.log_softmax(logits, dim=-1)).sum()
+
+
+def msd_loss_reference(
+    img: torch.Tensor,
+    txt: torch.Tensor,
+    img_m: torch.Tensor,
+    txt_m: torch.Tensor,
+    ring_img: torch.Tensor,
+    ring_txt: torch.Tensor,
+    pos: torch.Tensor,
+    n_valid: int,
+    tau: torch.Tensor | float,
+    alpha: float,
+    divisor: int | None = None,
+) -> torch.Tensor:
+    """Scalar MSD loss of one micro-batch, averaged over the image->text and text->image terms.
+
+    img, txt: student rows [b, D]; img_m, txt_m: teacher rows [b, D]; ring_img, ring_txt: [Q, D]
+    with the valid keys in rows ``0 .. n_valid - 1`` (a ring fills from row 0 and stays full);
+    pos: long [b], the ring row of each row's own (positive) key; divisor: defaults to b.
+    """
+    _check(img, ring_img, ring_txt, pos, n_valid)
+    divisor = img.shape[0] if divisor is None else divisor
+    i2t = _direction(img, img_m, ring_txt[:n_valid], pos, tau, alpha)
+    t2i = _direction(txt, txt_m, ring_img[:n_valid], pos, tau, alpha)
+    return (i2t + t2i) / (2 * divisor)

@@ -1,0 +1,31 @@
+from setuptools import setup
+
+setup(
+    name="fastmsd",
+    version="0.1.0",
+    description="Medical vision-language pretraining with momentum self-distillation, tuned for small GPUs",
+    python_requires=">=3.10",
+    packages=["fastmsd", "fastmsd.data", "fastmsd.eval", "fastmsd.kernels"],
+    # kernels/ lives at the top of the repo but imports as fastmsd.kernels: a top-level
+    # package named `kernels` would collide with another project's.
+    package_dir={"fastmsd.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4,<=2.14.1",
+        "torchvision",
+        "timm>=1.0",
+        "transformers>=4.46",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "pydicom>=3",
+        "pyyaml",
+        "tqdm",
+        "tensorboard",
+    ],
+    extras_require={
+        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data"],
+        "dali": ["nvidia-dali-cuda120"],
+    },
+    entry_points={"console_scripts": ["fastmsd=fastmsd.cli:main"]},
+)

@@ -1,0 +1,46 @@
+import os
+
+# Triton kernels run in the interpreter on CPU; this must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from fastmsd.config import Config, ModelConfig, TrainConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def micro_config(**train) -> Config:
+    """A model small enough for gradient-level tests: LayerNorm-only encoders, no dropout."""
+    model = ModelConfig(
+        image_encoder="convnext_atto",
+        image_encoder_args={"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1]},
+        image_size=32,
+        in_chans=1,
+        text_encoder="bert-tiny",
+        text_encoder_args={"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+                           "intermediate_size": 64},
+        max_len=16,
+        vocab_size=200,
+        embed_dim=16,
+    )
+    defaults = dict(batch_size=32, micro_batch_size=8, key_chunk=16, queue_size=64, steps=10,
+                    warmup_steps=2, alpha_warmup_steps=0, log_every=1, save_every=1000,
+                    eval_at_end=False, lr=1e-3)
+    return Config(preset="micro", model=model, train=TrainConfig(**{**defaults, **train}))
+
+
+@pytest.fixture
+def micro_cfg() -> Config:
+    return micro_config()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory):
+    """A small synthcxr set shared by the tests that train (generated once per session)."""
+    from fastmsd.data.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("synthcxr"), seed=0, n_train=640, n_per_class=40,
+                    size=64, n_dicom=2, workers=2, progress=False)

@@ -1,0 +1,103 @@
+"""Atomic checkpoints, keep-last-k, and bit-exact resume."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import fastmsd.checkpoint as ckpt
+from fastmsd.engine import Engine
+from fastmsd.model import build_model
+from fastmsd.run import train
+from tests.conftest import micro_config
+
+
+def small_engine():
+    cfg = micro_config()
+    torch.manual_seed(0)
+    return Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), "cpu")
+
+
+def test_failure_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    engine = small_engine()
+    first = ckpt.save_checkpoint(tmp_path, 1, engine.model, engine.rings, engine.state_dict())
+    saved = engine.student_flat.clone()
+    with torch.no_grad():
+        engine.student_flat.add_(1.0)
+
+    def crash(obj, path, *args, **kwargs):
+        open(path, "wb").write(b"partial")  # a torn write, then the process dies
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(tmp_path, 2, engine.model, engine.rings, engine.state_dict())
+    monkeypatch.undo()
+    assert ckpt.latest_checkpoint(tmp_path) == first
+    restored = small_engine()
+    state = ckpt.load_checkpoint(first, restored.model, restored.rings)
+    assert state["step"] == 0
+    assert torch.equal(restored.student_flat, saved)
+    # The next successful save replaces the torn temporary folder.
+    ckpt.save_checkpoint(tmp_path, 2, engine.model, engine.rings, engine.state_dict())
+    assert ckpt.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert not any(p.name.endswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_keep_last_k(tmp_path):
+    engine = small_engine()
+    for step in range(1, 6):
+        ckpt.save_checkpoint(tmp_path, step, engine.model, engine.rings, engine.state_dict(), keep_last=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    engine = small_engine()
+    path = ckpt.save_checkpoint(tmp_path, 3, engine.model, engine.rings, engine.state_dict())
+    (path / "rings.safetensors").unlink()
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        ckpt.load_checkpoint(path, engine.model, engine.rings)
+
+
+def final_state(run_dir):
+    path = ckpt.latest_checkpoint(run_dir)
+    return (load_file(path / "model.safetensors"), load_file(path / "rings.safetensors"),
+            torch.load(path / "trainer.pt", weights_only=True))
+
+
+def assert_same(a, b, where=""):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same(a[key], b[key], f"{where}/{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same(x, y, f"{where}/{i}")
+    else:
+        assert a == b, where
+
+
+def test_resume_is_bit_exact(tmp_path, synth_root):
+    """2k steps in one run == k steps, stop, --resume latest, k steps."""
+    def cfg(name):
+        c = micro_config(steps=6, save_every=100, batch_size=32, micro_batch_size=16, queue_size=80,
+                         alpha_warmup_steps=4)
+        c.model.text_encoder_args = {**c.model.text_encoder_args, "hidden_dropout_prob": 0.1}
+        c.train.data, c.train.runs_dir, c.train.name = str(synth_root), str(tmp_path), name
+        return c
+
+    whole = train(cfg("whole"), progress=False)
+    split = train(cfg("split"), stop_after=3, progress=False)
+    assert ckpt.latest_checkpoint(split).name == "step_00000003"
+    train(cfg("split"), resume="latest", progress=False)
+    model_a, rings_a, state_a = final_state(whole)
+    model_b, rings_b, state_b = final_state(split)
+    assert state_a["step"] == state_b["step"] == 6
+    assert any(k.startswith("momentum.") for k in model_a)
+    assert_same(model_a, model_b, "model")  # student, momentum, tau
+    assert_same(rings_a, rings_b, "rings")
+    assert_same(state_a, state_b, "trainer")  # optimizer, scheduler, RNG, ring pointer, data position
+    assert state_a["ring_n_valid"] == 80 and state_a["ring_ptr"] == 6 * 32 % 80

@@ -1,0 +1,63 @@
+"""User errors: one line on stderr naming the problem, exit code 2, no traceback."""
+
+import subprocess
+import sys
+
+import pytest
+
+from fastmsd.config import ConfigError
+from fastmsd.memory import parse_size
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("12G", 12 * 2**30), ("12GiB", 12 * 2**30), ("12GB", 12 * 2**30), ("12000MiB", 12000 * 2**20),
+    ("11.5g", int(11.5 * 2**30)), (" 512M ", 512 * 2**20), ("1T", 2**40),
+])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12", "twelve", "12X", "-1G", "1.2.3G", "G", "", "12 G B", "0G", "12KiBs"])
+def test_parse_size_rejects(text):
+    with pytest.raises(ConfigError):
+        parse_size(text)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "fastmsd", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_malformed_gpu_mem(tmp_path):
+    assert_one_line_error(run_cli("train", "--gpu-mem", "12gigs", cwd=tmp_path), "12gigs", "malformed")
+
+
+def test_queue_smaller_than_batch(tmp_path):
+    r = run_cli("train", "--preset", "tiny", "--batch-size", "256", "--queue-size", "128", cwd=tmp_path)
+    assert_one_line_error(r, "queue size 128", "effective batch 256")
+
+
+def test_missing_data_folder(tmp_path):
+    assert_one_line_error(run_cli("train", "--data", str(tmp_path / "nope"), cwd=tmp_path),
+                          "data folder", "nope")
+
+
+def test_unknown_encoders(tmp_path, synth_root):
+    common = ("train", "--preset", "tiny", "--data", str(synth_root), "--no-progress")
+    r = run_cli(*common, "--image-encoder", "vit_imaginary_1b", cwd=tmp_path)
+    assert_one_line_error(r, "unknown image encoder 'vit_imaginary_1b'")
+    r = run_cli(*common, "--text-encoder", "bert-imaginary", cwd=tmp_path)
+    assert_one_line_error(r, "unknown text encoder 'bert-imaginary'")
+
+
+def test_resume_without_checkpoint(tmp_path):
+    assert_one_line_error(run_cli("train", "--resume", "latest", cwd=tmp_path), "--resume latest")
