@@ -159,7 +159,7 @@ def _eval(args: argparse.Namespace) -> None:
     data = Path(args.data or cfg.train.data)
     if not data.is_dir():
         raise ConfigError(f"data folder {data} not found")
-    results = evaluate_synthcxr(model.student, tokenizer, data, cfg.model, device)
+    results = evaluate_synthcxr(model, tokenizer, data, cfg.model, device)
     (checkpoint / "zeroshot.json").write_text(json.dumps(results, indent=2))
     print(f"{checkpoint}\n{format_results(results)}")
 

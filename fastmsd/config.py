@@ -51,8 +51,9 @@ class TrainConfig:
     accum_mode: str = "exact"  # exact | naive
     alpha: float = 0.4
     alpha_warmup_steps: int = 200
-    steps: int = 1200
+    steps: int = 1000
     lr: float = 1e-3
+    tau_lr: float = 1e-4
     weight_decay: float = 0.02
     warmup_steps: int = 50
     grad_clip: float = 1.0

@@ -94,9 +94,12 @@ class Engine:
         decay, no_decay = [], []
         for p in self.model.student.parameters():
             (decay if p.ndim >= 2 else no_decay).append(p)
-        no_decay.append(self.model.tau)
+        # Adam moves a parameter by about its lr per step whatever its scale, so tau (0.001 to
+        # 0.5, learned raw as in ALBEF) gets its own small lr; at the encoders' lr it would
+        # collapse towards the clamp within a few dozen steps.
         groups = [{"params": decay, "weight_decay": t.weight_decay},
-                  {"params": no_decay, "weight_decay": 0.0}]
+                  {"params": no_decay, "weight_decay": 0.0},
+                  {"params": [self.model.tau], "weight_decay": 0.0, "lr": t.tau_lr}]
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
                                  fused=self.device.type == "cuda")
 

@@ -129,10 +129,15 @@ class MSDModel(nn.Module):
         """Recompute student activations in backward (the teacher keeps none)."""
         self.student.image_encoder.set_grad_checkpointing(enable)
         text = self.student.text_encoder
-        if enable:
-            text.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers 5 renamed the switch; older releases only have gradient_checkpointing_*.
+        if hasattr(text, "activation_checkpointing_enable"):
+            on, off = text.activation_checkpointing_enable, text.activation_checkpointing_disable
         else:
-            text.gradient_checkpointing_disable()
+            on, off = text.gradient_checkpointing_enable, text.gradient_checkpointing_disable
+        if enable:
+            on({"use_reentrant": False})
+        else:
+            off()
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> MSDModel:

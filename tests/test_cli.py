@@ -61,3 +61,32 @@ def test_unknown_encoders(tmp_path, synth_root):
 
 def test_resume_without_checkpoint(tmp_path):
     assert_one_line_error(run_cli("train", "--resume", "latest", cwd=tmp_path), "--resume latest")
+
+
+def test_train_resume_eval_end_to_end(tmp_path, synth_root):
+    common = ("--data", str(synth_root), "--runs-dir", str(tmp_path / "runs"), "--name", "e2e",
+              "--batch-size", "32", "--micro-batch-size", "16", "--queue-size", "64", "--no-progress")
+    r = run_cli("train", *common, "--steps", "5", "--stop-after", "3", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "macro" not in r.stdout  # stopped early: no evaluation yet
+    r = run_cli("train", *common, "--steps", "3", cwd=tmp_path)  # the run exists: refuse, lose nothing
+    assert_one_line_error(r, "already exists", "--resume latest")
+    r = run_cli("train", *common, "--resume", "latest", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "resumed" in r.stdout and "macro" in r.stdout
+    run = tmp_path / "runs" / "e2e"
+    assert (run / "checkpoints" / "step_00000005").is_dir() and (run / "metrics.jsonl").is_file()
+    assert any((run / "tb").iterdir())
+    r = run_cli("eval", str(run), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "zero-shot 5-class accuracy" in r.stdout
+
+
+def test_synth_with_preview(tmp_path):
+    r = run_cli("synth", "--out", str(tmp_path / "s"), "--n-train", "20", "--n-per-class", "2",
+                "--size", "64", "--workers", "1", "--preview", str(tmp_path / "grid.png"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.width > 200 and im.height > 100

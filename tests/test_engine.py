@@ -126,3 +126,16 @@ def test_lr_warmup_then_cosine():
 def test_cpu_rejects_half_precision():
     with pytest.raises(ValueError, match="CUDA"):
         make_engine(micro_config(precision="bf16"))
+
+
+def test_activation_checkpointing_keeps_gradients():
+    batch = make_batch(micro_config(), 32)
+    results = []
+    for checkpointing in (False, True):
+        engine = make_engine(micro_config(micro_batch_size=16, grad_checkpointing=checkpointing))
+        prefill(engine, 10, 64)
+        engine.accumulate_gradients(batch)
+        results.append(grads(engine))
+    assert results[0].keys() == results[1].keys()
+    for name in results[0]:
+        assert rel_err(results[1][name], results[0][name]) <= 1e-5, name

@@ -86,10 +86,27 @@ def test_momentum_is_a_frozen_copy_in_eval_mode():
     model.train()
     assert not model.momentum.training and model.student.training
     assert all(not p.requires_grad for p in model.momentum.parameters())
-    for (name, s), m in zip(model.student.state_dict().items(), model.momentum.state_dict().values(), strict=True):
-        assert torch.equal(s, m), name
+    student, momentum = model.student.state_dict(), model.momentum.state_dict()
+    assert student.keys() == momentum.keys()
+    for name in student:
+        assert torch.equal(student[name], momentum[name]), name
     images = torch.randn(3, 1, 32, 32)
     emb = model.student.encode_image(images)
     assert emb.shape == (3, cfg.embed_dim)
     torch.testing.assert_close(emb.norm(dim=-1), torch.ones(3))
     assert model.tau.item() == pytest.approx(cfg.tau_init)
+
+
+def test_base_preset_is_vit_b16_and_bert_base():
+    from fastmsd.config import preset
+
+    cfg = preset("base").model
+    model = build_model(cfg, vocab_size=30522)
+    n = sum(p.numel() for p in model.student.parameters())
+    assert 190e6 < n < 200e6  # ViT-B/16 (86 M) + BERT-base (109 M) + projections
+    assert model.student.text_encoder.config.num_hidden_layers == 12
+    assert model.student.image_encoder.patch_embed.patch_size == (16, 16)
+    model.set_grad_checkpointing(True)
+    assert model.student.text_encoder.is_gradient_checkpointing
+    assert model.student.image_encoder.grad_checkpointing
+    assert not model.momentum.text_encoder.is_gradient_checkpointing  # the teacher keeps nothing

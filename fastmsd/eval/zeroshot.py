@@ -13,21 +13,28 @@ from fastmsd.data.loader import load_images, to_model_input
 from fastmsd.data.mimic import read_mimic_cxr
 from fastmsd.data.text import tokenize
 from fastmsd.eval.metrics import macro_auc_ovr
-from fastmsd.model import Tower
+from fastmsd.model import MSDModel, Tower
 
-# Several phrasings per class, averaged in embedding space (as CLIP-style prompt ensembles do).
+# Several phrasings per class, averaged in embedding space. As in GLoRIA's CheXpert 5x200
+# prompts, they are positive statements with severity and location, written the way report
+# impressions are: a bare class name reads like the negation lists of normal reports
+# ("no pleural effusion or focal consolidation") as much as like a finding.
 PROMPTS: dict[str, list[str]] = {
-    "atelectasis": ["atelectasis", "bibasilar atelectasis", "there is atelectasis at the lung base",
-                    "plate-like atelectasis", "basilar collapse with volume loss"],
-    "cardiomegaly": ["cardiomegaly", "the heart is enlarged", "the heart size is enlarged",
-                     "moderate cardiomegaly", "enlarged cardiac silhouette"],
-    "consolidation": ["consolidation", "focal consolidation", "there is a focal consolidation",
-                      "airspace consolidation concerning for pneumonia", "dense airspace opacity"],
-    "edema": ["edema", "pulmonary edema", "moderate pulmonary edema",
-              "interstitial edema with vascular congestion", "pulmonary vascular congestion"],
-    "pleural_effusion": ["pleural effusion", "there is a pleural effusion",
-                         "moderate pleural effusion", "layering pleural effusion",
-                         "blunting of the costophrenic angle"],
+    "atelectasis": ["Bibasilar atelectasis.", "Right basilar atelectasis.", "Left basilar atelectasis.",
+                    "Plate-like atelectasis at the bases.", "Bibasilar collapse.",
+                    "There is bibasilar subsegmental atelectasis."],
+    "cardiomegaly": ["Cardiomegaly.", "Moderate cardiomegaly.", "The heart is moderately enlarged.",
+                     "Enlarged cardiac silhouette.", "There is severe cardiomegaly."],
+    "consolidation": ["Right lower lobe consolidation.", "Left lower lobe consolidation.",
+                      "Consolidation in the right upper lobe.",
+                      "There is dense consolidation in the left lower lobe.",
+                      "Airspace consolidation in the right lower lobe, concerning for pneumonia."],
+    "edema": ["Moderate pulmonary edema.", "Pulmonary vascular congestion.",
+              "There is moderate pulmonary edema.", "Findings consistent with moderate fluid overload.",
+              "Perihilar haziness consistent with interstitial edema."],
+    "pleural_effusion": ["Moderate right pleural effusion.", "Moderate left pleural effusion.",
+                         "There are moderate bilateral pleural effusions.",
+                         "There is a moderate right pleural effusion.", "Small left pleural effusion."],
 }
 CLASSES = tuple(PROMPTS)
 ZEROSHOT_FILE = "synthcxr-5x200.csv"
@@ -61,7 +68,7 @@ def class_embeddings(tower: Tower, tokenizer, max_len: int, device: torch.device
 
 @torch.no_grad()
 def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, cfg: ModelConfig,
-             device: torch.device, batch_size: int = 256) -> dict:
+             tau: float, device: torch.device, batch_size: int = 256) -> dict:
     """Accuracy and one-vs-rest macro AUC of prompt-similarity classification."""
     was_training = tower.training
     tower.eval()
@@ -73,21 +80,25 @@ def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, 
             scores.append((tower.encode_image(x).float() @ classes.T).cpu())
     finally:
         tower.train(was_training)
-    s = torch.cat(scores).numpy()
-    macro, per_class = macro_auc_ovr(s, labels)
+    # One-vs-rest AUC needs scores comparable across images: class probabilities (a softmax
+    # over the prompts at the model's temperature, as scikit-learn's multi-class AUC requires),
+    # not raw similarities, whose per-image offset would rank images rather than classes.
+    probs = (torch.cat(scores) / tau).softmax(dim=1).numpy()
+    macro, per_class = macro_auc_ovr(probs, labels)
     return {
-        "accuracy": float((s.argmax(1) == labels).mean()),
+        "accuracy": float((probs.argmax(1) == labels).mean()),
         "macro_auc": macro,
         "auc": dict(zip(CLASSES, per_class, strict=True)),
         "n": len(labels),
     }
 
 
-def evaluate_synthcxr(tower: Tower, tokenizer, root: str | Path, cfg: ModelConfig,
+def evaluate_synthcxr(model: MSDModel, tokenizer, root: str | Path, cfg: ModelConfig,
                       device: torch.device) -> dict:
+    """Zero-shot results of the student tower on the 5x200 list of a synthcxr folder."""
     paths, labels = load_zeroshot_set(root)
-    return zeroshot(tower, tokenizer, load_images(paths, cfg.image_size, "eval images"), labels, cfg,
-                    device)
+    return zeroshot(model.student, tokenizer, load_images(paths, cfg.image_size, "eval images"), labels,
+                    cfg, model.tau.item(), device)
 
 
 def format_results(results: dict) -> str:
