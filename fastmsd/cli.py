@@ -114,7 +114,9 @@ def _train_config(args: argparse.Namespace) -> Config:
     elif args.config is not None:
         cfg = load_yaml(args.config)
     else:
-        cfg = preset(args.preset or ("base" if torch.cuda.is_available() else "tiny"))
+        device = args.device or "auto"
+        on_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+        cfg = preset(args.preset or ("base" if on_gpu else "tiny"))
     for option, (section, field) in _OVERRIDES.items():
         value = getattr(args, option)
         if value is not None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmsd.config import Config
+from fastmsd.config import Config, ConfigError
 from fastmsd.model import MSDModel
 from fastmsd.momentum import Rings, ema_update, flatten_parameters
 from fastmsd.objective import msd_loss_reference
@@ -59,7 +59,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type != "cuda":
         if precision in ("bf16", "fp16"):
             # This CPU path exists for tests and the tiny demo, which the design runs in fp32.
-            raise ValueError(f"--precision {precision} needs a CUDA device; the CPU trains in fp32")
+            raise ConfigError(f"--precision {precision} needs a CUDA device; the CPU trains in fp32")
         return "fp32"
     return "bf16" if precision == "auto" else precision
 

@@ -26,8 +26,7 @@ TEXT_CONFIGS: dict[str, dict] = {
 }
 
 
-def build_image_encoder(cfg: ModelConfig) -> nn.Module:
-    """A timm backbone returning pooled features (``num_features`` wide)."""
+def _check_image_name(cfg: ModelConfig) -> None:
     import timm
 
     if not timm.is_model(cfg.image_encoder):
@@ -35,6 +34,27 @@ def build_image_encoder(cfg: ModelConfig) -> nn.Module:
             f"unknown image encoder {cfg.image_encoder!r}: not a timm model name "
             "(see timm.list_models())"
         )
+
+
+def _check_text_name(cfg: ModelConfig) -> None:
+    if not Path(cfg.text_encoder).is_dir() and cfg.text_encoder not in TEXT_CONFIGS:
+        raise ConfigError(
+            f"unknown text encoder {cfg.text_encoder!r}: give a local model directory or one of "
+            f"{', '.join(TEXT_CONFIGS)}"
+        )
+
+
+def check_encoder_names(cfg: ModelConfig) -> None:
+    """Fail fast, before any run folder is made, on encoder names nothing can build."""
+    _check_image_name(cfg)
+    _check_text_name(cfg)
+
+
+def build_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """A timm backbone returning pooled features (``num_features`` wide)."""
+    import timm
+
+    _check_image_name(cfg)
     kwargs = dict(cfg.image_encoder_args)
     pretrained = cfg.pretrained
     if cfg.image_weights is not None:
@@ -75,11 +95,7 @@ def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:
             raise ConfigError(f"text encoder {source}: {len(info['missing_keys'])} weights missing, "
                               f"e.g. {sorted(info['missing_keys'])[0]}")
         return model
-    if cfg.text_encoder not in TEXT_CONFIGS:
-        raise ConfigError(
-            f"unknown text encoder {cfg.text_encoder!r}: give a local model directory or one of "
-            f"{', '.join(TEXT_CONFIGS)}"
-        )
+    _check_text_name(cfg)
     if cfg.pretrained:
         return AutoModel.from_pretrained(cfg.text_encoder, attn_implementation="sdpa")
     config = BertConfig(

@@ -23,9 +23,9 @@ from fastmsd.config import Config, ConfigError, load_yaml, save_yaml
 from fastmsd.data.loader import BatchStream, PairSet, augment, to_model_input
 from fastmsd.data.mimic import read_mimic_cxr, report_text
 from fastmsd.data.text import load_tokenizer, train_wordpiece
-from fastmsd.engine import Batch, Engine
+from fastmsd.engine import Batch, Engine, resolve_precision
 from fastmsd.memory import cap_cuda_memory, format_size, parse_size
-from fastmsd.model import build_model
+from fastmsd.model import build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
 
@@ -155,7 +155,9 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     checkpoint = None if resume is None else locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
     run_dir = None if checkpoint is None else checkpoint.parent.parent
     cfg.validate()
+    check_encoder_names(cfg.model)
     device = resolve_device(cfg.train.device)
+    resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
         budget = parse_size(cfg.train.gpu_mem)
         if device.type == "cuda":

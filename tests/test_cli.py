@@ -90,3 +90,21 @@ def test_synth_with_preview(tmp_path):
 
     with Image.open(tmp_path / "grid.png") as im:
         assert im.width > 200 and im.height > 100
+
+
+def test_gpu_mem_caps_the_allocator(monkeypatch):
+    import types
+
+    import torch
+
+    from fastmsd.memory import cap_cuda_memory
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(total_memory=16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: calls.append((fraction, device)))
+    assert cap_cuda_memory(parse_size("12G"), "cuda:0") == 0.75
+    assert calls == [(0.75, "cuda:0")]
+    with pytest.raises(ConfigError, match="exceeds"):
+        cap_cuda_memory(parse_size("20G"), "cuda:0")
