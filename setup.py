@@ -24,7 +24,7 @@ setup(
         "tensorboard",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data"],
+        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data", "open-clip-torch"],
         "dali": ["nvidia-dali-cuda120"],
     },
     entry_points={"console_scripts": ["fastmsd=fastmsd.cli:main"]},

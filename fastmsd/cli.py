@@ -30,6 +30,9 @@ _OVERRIDES = {
     "key_chunk": ("train", "key_chunk"),
     "queue_size": ("train", "queue_size"),
     "accum_mode": ("train", "accum_mode"),
+    "loss_impl": ("train", "loss_impl"),
+    "ema_impl": ("train", "ema_impl"),
+    "dot_precision": ("train", "dot_precision"),
     "alpha": ("train", "alpha"),
     "alpha_warmup_steps": ("train", "alpha_warmup_steps"),
     "lr": ("train", "lr"),
@@ -66,6 +69,12 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--key-chunk", type=int, help="keys-phase chunk size")
     tr.add_argument("--queue-size", type=int, help="ring capacity Q (>= N)")
     tr.add_argument("--accum-mode", choices=["exact", "naive"])
+    tr.add_argument("--loss-impl", choices=["auto", "triton", "eager"],
+                    help="fused Triton loss or the eager reference (auto: Triton on CUDA)")
+    tr.add_argument("--ema-impl", choices=["auto", "triton", "foreach"],
+                    help="flat Triton EMA or torch's lerp (auto: Triton on CUDA)")
+    tr.add_argument("--dot-precision", choices=["ieee", "tf32", "bf16"],
+                    help="the fused loss's fp32 dot products (default tf32)")
     tr.add_argument("--alpha", type=float, help="distillation weight after the ramp")
     tr.add_argument("--alpha-warmup-steps", type=int)
     tr.add_argument("--lr", type=float)

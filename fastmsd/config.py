@@ -49,6 +49,9 @@ class TrainConfig:
     key_chunk: int = 256  # keys-phase chunk (no activations are kept, so it may exceed b)
     queue_size: int = 2048  # ring capacity Q, must be >= N
     accum_mode: str = "exact"  # exact | naive
+    loss_impl: str = "auto"  # auto (triton on CUDA, eager elsewhere) | triton | eager
+    ema_impl: str = "auto"  # auto (triton on CUDA, foreach elsewhere) | triton | foreach
+    dot_precision: str = "tf32"  # the fused loss's fp32 dots: ieee | tf32 | bf16
     alpha: float = 0.4
     alpha_warmup_steps: int = 200
     steps: int = 1000
@@ -83,6 +86,12 @@ class Config:
             )
         if t.accum_mode not in ("exact", "naive"):
             raise ConfigError(f"unknown --accum-mode {t.accum_mode!r} (exact or naive)")
+        if t.loss_impl not in ("auto", "triton", "eager"):
+            raise ConfigError(f"unknown --loss-impl {t.loss_impl!r} (auto, triton or eager)")
+        if t.ema_impl not in ("auto", "triton", "foreach"):
+            raise ConfigError(f"unknown --ema-impl {t.ema_impl!r} (auto, triton or foreach)")
+        if t.dot_precision not in ("ieee", "tf32", "bf16"):
+            raise ConfigError(f"unknown --dot-precision {t.dot_precision!r} (ieee, tf32 or bf16)")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"unknown --precision {t.precision!r} (auto, fp32, bf16 or fp16)")
         if not 0.0 <= t.alpha <= 1.0:

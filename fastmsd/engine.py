@@ -13,16 +13,16 @@ accumulation), kept for ablations.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fastmsd.config import Config, ConfigError
 from fastmsd.model import MSDModel
-from fastmsd.momentum import Rings, ema_update, flatten_parameters
-from fastmsd.objective import msd_loss_reference
+from fastmsd.momentum import Rings, flatten_parameters, select_ema
+from fastmsd.objective import select_loss
 
 
 @dataclass
@@ -67,8 +67,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Engine:
     """The model, its momentum side, the rings and the optimizer of one training run."""
 
-    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str,
-                 loss_fn: Callable[..., torch.Tensor] = msd_loss_reference):
+    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str):
         self.cfg = cfg
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -76,11 +75,19 @@ class Engine:
         # After .to(): flattening replaces each parameter's storage with a view of one buffer.
         self.student_flat = flatten_parameters(self.model.student)
         self.momentum_flat = flatten_parameters(self.model.momentum)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        # Under bf16 autocast the keys phase reads a bf16 shadow of the teacher, rewritten by
+        # every EMA, instead of re-casting the fp32 master weights in every forward.
+        self.teacher = self.model.momentum
+        self.shadow_flat = None
+        if self.precision == "bf16":
+            self.teacher = copy.deepcopy(self.model.momentum).to(torch.bfloat16)
+            self.shadow_flat = flatten_parameters(self.teacher)
+        self._ema = select_ema(cfg.train.ema_impl, self.device)
         if cfg.train.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
         self.rings = Rings(cfg.train.queue_size, cfg.model.embed_dim, self.device)
-        self.loss_fn = loss_fn
-        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.loss_fn = select_loss(cfg.train.loss_impl, self.device, cfg.train.dot_precision)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -117,7 +124,7 @@ class Engine:
     def encode_keys(self, batch: Batch, offset: int = 0) -> None:
         """Keys phase: momentum embeddings written in place at rows ptr + offset + i."""
         chunk = self.cfg.train.key_chunk
-        teacher = self.model.momentum
+        teacher = self.teacher
         for start in range(0, len(batch), chunk):
             part = batch.slice(start, start + chunk)
             with self.autocast():
@@ -149,12 +156,20 @@ class Engine:
             micro = batch.slice(start, start + b)
             if not exact:
                 # ALBEF's order: EMA in every forward, then this micro-batch's keys alone.
-                ema_update(self.momentum_flat, self.student_flat, self.cfg.model.momentum)
+                self.ema_step()
                 self.encode_keys(micro, offset=start)
             loss = self.micro_batch_loss(micro, start, n, alpha)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         return total
+
+    def ema_step(self) -> None:
+        self._ema(self.momentum_flat, self.student_flat, self.cfg.model.momentum, self.shadow_flat)
+
+    def refresh_shadow(self) -> None:
+        """Re-derive the bf16 teacher from the fp32 master (after loading a checkpoint)."""
+        if self.shadow_flat is not None:
+            self.shadow_flat.copy_(self.momentum_flat)
 
     def optimizer_step(self, n: int) -> torch.Tensor:
         """Clip, step, clamp tau, EMA, advance the rings by ``n``; returns the grad norm."""
@@ -169,7 +184,7 @@ class Engine:
         with torch.no_grad():
             self.model.tau.clamp_(m.tau_min, m.tau_max)
         if t.accum_mode == "exact":
-            ema_update(self.momentum_flat, self.student_flat, m.momentum)
+            self.ema_step()
         self.rings.advance(n)
         self.step += 1
         return grad_norm

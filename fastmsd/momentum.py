@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from fastmsd.config import ConfigError
+from fastmsd.kernels import interpreting
 
 
 def flatten_parameters(module: nn.Module) -> torch.Tensor:
@@ -35,9 +40,32 @@ def is_view_of(module: nn.Module, flat: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def ema_update(momentum_flat: torch.Tensor, student_flat: torch.Tensor, m: float) -> None:
-    """theta' = m * theta' + (1 - m) * theta, in place, in one op over the flat buffers."""
+def ema_update(momentum_flat: torch.Tensor, student_flat: torch.Tensor, m: float,
+               shadow: torch.Tensor | None = None) -> None:
+    """theta' = m * theta' + (1 - m) * theta, in place, in one op over the flat buffers; then
+    the bf16 ``shadow`` of theta', when given (the Triton kernel fuses both into one pass)."""
     momentum_flat.lerp_(student_flat, 1.0 - m)
+    if shadow is not None:
+        shadow.copy_(momentum_flat)
+
+
+EMAFn = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], None]
+
+
+def select_ema(impl: str, device: torch.device) -> EMAFn:
+    """The EMA for ``--ema-impl``: auto is the flat Triton kernel on CUDA and torch's lerp
+    ("foreach": here one tensor, the flat buffer) elsewhere."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "foreach"
+    if impl == "foreach":
+        return ema_update
+    if impl != "triton":
+        raise ConfigError(f"unknown --ema-impl {impl!r} (auto, triton or foreach)")
+    if device.type != "cuda" and not interpreting():
+        raise ConfigError(f"--ema-impl triton needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
+    from fastmsd.kernels.ema import ema_update_
+
+    return ema_update_
 
 
 class Rings:

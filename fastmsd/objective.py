@@ -1,4 +1,5 @@
-"""The eager reference MSD loss (DESIGN.md section 1): the oracle and the baseline.
+"""The eager reference MSD loss (DESIGN.md section 1), the oracle and the baseline, and the
+dispatch between it and the fused Triton kernel.
 
 Both directions share one formula: student rows ``q`` against a ring ``bank`` of momentum
 keys, soft targets ``y = alpha * softmax(teacher logits) + (1 - alpha) * onehot(pos)``, and the
@@ -8,8 +9,14 @@ accumulation, so that summed micro-batch gradients equal the gradient of one lar
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
+
+from fastmsd.config import ConfigError
+from fastmsd.kernels import interpreting
 
 
 def _check(
@@ -77,3 +84,19 @@ def msd_loss_reference(
     i2t = _direction(img, img_m, ring_txt[:n_valid], pos, tau, alpha)
     t2i = _direction(txt, txt_m, ring_img[:n_valid], pos, tau, alpha)
     return (i2t + t2i) / (2 * divisor)
+
+
+def select_loss(impl: str, device: torch.device, precision: str = "tf32") -> Callable[..., torch.Tensor]:
+    """The loss function for ``--loss-impl``: auto is the fused Triton kernel on CUDA and this
+    eager reference elsewhere; ``precision`` sets the kernel's fp32 dots (ieee, tf32, bf16)."""
+    if impl == "auto":
+        impl = "triton" if device.type == "cuda" else "eager"
+    if impl == "eager":
+        return msd_loss_reference
+    if impl != "triton":
+        raise ConfigError(f"unknown --loss-impl {impl!r} (auto, triton or eager)")
+    if device.type != "cuda" and not interpreting():
+        raise ConfigError(f"--loss-impl triton needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
+    from fastmsd.kernels.msd_loss import msd_loss
+
+    return functools.partial(msd_loss, precision=precision)

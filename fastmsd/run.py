@@ -182,6 +182,7 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
         stream.load_state_dict(state.pop("data"))
         engine.load_state_dict(state)
+        engine.refresh_shadow()
         print(f"resumed {checkpoint} at step {engine.step}")
 
     t = cfg.train

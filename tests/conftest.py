@@ -1,7 +1,10 @@
 import os
 
-# Triton kernels run in the interpreter on CPU; this must be set before triton is imported.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel tests run on the CPU in Triton's interpreter (set before triton is imported), or on a
+# GPU when bench/gpu_check.sh sets FASTMSD_TEST_DEVICE=cuda.
+TEST_DEVICE = os.environ.get("FASTMSD_TEST_DEVICE", "cpu")
+if TEST_DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest  # noqa: E402

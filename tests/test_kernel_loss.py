@@ -1,0 +1,190 @@
+"""The fused Triton MSD loss against an fp64 evaluation of the reference.
+
+On the CPU (the Triton interpreter) dots are exact fp32; bench/gpu_check.sh reruns this file on a
+GPU with FASTMSD_TEST_DEVICE=cuda, where the kernel runs its "ieee" fp32 dots, to the same
+tolerances.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastmsd.kernels.msd_loss as kernel
+from fastmsd.kernels.msd_loss import msd_loss
+from fastmsd.objective import msd_loss_reference
+from tests.conftest import TEST_DEVICE
+
+TOL = 1e-5
+
+
+def make_case(b, dim, q, n_valid, p, seed=0, dtype=torch.float32):
+    """Unit rows and rings; positives at ring rows (p + i) mod Q; teacher rows near, not equal
+    to, the ring keys (they come from an older teacher in general)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def unit(n):
+        return F.normalize(torch.randn(n, dim, generator=g), dim=-1)
+
+    img, txt, ring_img, ring_txt = unit(b), unit(b), unit(q), unit(q)
+    pos = (torch.arange(b) + p) % q
+    assert bool((pos < n_valid).all()), "positives must be written slots"
+    img_m = F.normalize(ring_img[pos] + 0.3 * unit(b), dim=-1)
+    txt_m = F.normalize(ring_txt[pos] + 0.3 * unit(b), dim=-1)
+    tensors = [t.to(TEST_DEVICE, dtype) for t in (img, txt, img_m, txt_m, ring_img, ring_txt)]
+    return tensors + [pos.to(TEST_DEVICE)]
+
+
+def run_both(case, n_valid, tau, alpha, divisor, **kw):
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = case
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    t = torch.tensor(tau, device=TEST_DEVICE, requires_grad=True)
+    loss = msd_loss(a, b, img_m, txt_m, ring_img, ring_txt, pos, n_valid, t, alpha, divisor,
+                    precision="ieee", **kw)
+    loss.backward()
+
+    def f64(x):
+        return x.detach().cpu().double()
+
+    ra, rb = f64(img).requires_grad_(), f64(txt).requires_grad_()
+    rt = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
+    ref = msd_loss_reference(ra, rb, f64(img_m), f64(txt_m), f64(ring_img), f64(ring_txt), pos.cpu(),
+                             n_valid, rt, alpha, divisor)
+    ref.backward()
+    return [x.detach().cpu() for x in (loss, a.grad, b.grad, t.grad)], (ref, ra.grad, rb.grad, rt.grad)
+
+
+def rel(x, y):
+    return ((x.double() - y).norm() / y.norm()).item()
+
+
+def assert_matches(got, want, tol=TOL):
+    names = ("loss", "d_img", "d_txt", "d_tau")
+    for name, x, y in zip(names, got, want, strict=True):
+        assert torch.isfinite(x).all(), name
+        assert rel(x, y) <= tol, (name, rel(x, y))
+
+
+# (b, D, Q, n_valid, p, alpha, tau, divisor, splits): every b, D, alpha and tau at least once;
+# Q never a multiple of the 32 / 64 blocks; full rings with wrapping positives and filling ones.
+CASES = [
+    (1, 16, 300, 300, 299, 0.4, 0.07, 1, None),
+    (3, 64, 300, 300, 298, 0.0, 0.5, 3, 2),
+    (17, 256, 300, 300, 290, 1.0, 0.001, 40, None),
+    (64, 64, 1000, 1000, 970, 0.4, 0.001, 64, 5),
+    (64, 256, 1000, 700, 600, 0.4, 0.07, 256, None),
+    (17, 16, 1000, 60, 20, 1.0, 0.07, 17, 3),  # n_valid < one block, more splits than tiles
+    (3, 256, 130, 100, 97, 0.0, 0.07, 3, 40),  # many empty splits
+    (64, 16, 333, 333, 300, 1.0, 0.5, 100, 1),
+    (1, 64, 333, 150, 149, 0.4, 0.5, 4, 7),
+    (17, 64, 4097, 4097, 4090, 0.4, 0.07, 17, None),
+]
+
+
+@pytest.mark.parametrize("b,dim,q,n_valid,p,alpha,tau,divisor,splits", CASES)
+def test_matches_fp64_reference(b, dim, q, n_valid, p, alpha, tau, divisor, splits):
+    case = make_case(b, dim, q, n_valid, p, seed=b * 1000 + dim + q)
+    got, want = run_both(case, n_valid, tau, alpha, divisor, splits=splits)
+    assert_matches(got, want)
+
+
+def test_block_shapes_do_not_change_the_result():
+    case = make_case(17, 64, 500, 500, 490)
+    want = run_both(case, 500, 0.07, 0.4, 17)[1]
+    for block_m, block_n in ((16, 16), (64, 32), (32, 128)):
+        got = run_both(case, 500, 0.07, 0.4, 17, block_m=block_m, block_n=block_n, splits=3)[0]
+        assert_matches(got, want)
+
+
+def test_every_output_element_is_written(monkeypatch):
+    def poisoned(*shape, device):
+        return torch.full(shape, float("nan"), device=device)
+
+
+    monkeypatch.setattr(kernel, "_empty", poisoned)
+    case = make_case(17, 64, 300, 300, 290)
+    got, want = run_both(case, 300, 0.07, 0.4, 17, splits=7)  # 7 splits over 5 tiles: 2 empty
+    assert_matches(got, want)
+
+
+def test_unwritten_slots_and_neighbouring_memory_are_never_read():
+    b, dim, q, n_valid = 17, 64, 300, 200
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(b, dim, q, n_valid, 100)
+    want = run_both((img, txt, img_m, txt_m, ring_img, ring_txt, pos), n_valid, 0.07, 0.4, b)[1]
+    # Guard bands: every tensor lives inside a NaN-filled allocation, the rings' unwritten
+    # slots are NaN too; any read outside the valid data turns the result into NaN.
+    def banded(t):
+        buf = torch.full((t.shape[0] + 8, dim), float("nan"), device=TEST_DEVICE)
+        buf[4 : 4 + t.shape[0]] = t
+        return buf[4 : 4 + t.shape[0]]
+
+    ring_img, ring_txt = banded(ring_img), banded(ring_txt)
+    ring_img[n_valid:], ring_txt[n_valid:] = float("nan"), float("nan")
+    case = (banded(img), banded(txt), banded(img_m), banded(txt_m), ring_img, ring_txt, pos)
+    got = run_both(case, n_valid, 0.07, 0.4, b, splits=4)[0]
+    assert_matches(got, want)
+
+
+def test_bf16_inputs():
+    """On the CPU the interpreter upcasts bf16 before its dots (its bf16 dots are wrong): the math
+    is fp32 on bf16-rounded inputs, which the fp64 reference of the same inputs matches to 1e-5.
+    On a GPU the dots run in bf16 (8 mantissa bits): loss and d_tau to 2e-2 there."""
+    case = make_case(17, 64, 300, 300, 290, dtype=torch.bfloat16)
+    got, want = run_both(case, 300, 0.07, 0.4, 17, splits=2)
+    assert got[1].dtype == torch.bfloat16
+    tol = TOL if TEST_DEVICE == "cpu" else 2e-2
+    assert rel(got[0], want[0]) <= tol and rel(got[3], want[3]) <= tol
+    # The gradients are returned in the rows' dtype (bf16): compare at bf16 resolution.
+    assert rel(got[1], want[1]) <= 2e-2 and rel(got[2], want[2]) <= 2e-2
+
+
+def test_summed_micro_batch_gradients_equal_one_batch():
+    """Exact accumulation with the kernel: micro-batches with divisor N sum to the full batch."""
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(32, 64, 300, 300, 280)
+    tau = torch.tensor(0.07, device=TEST_DEVICE, requires_grad=True)
+    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    for sl in (slice(0, 8), slice(8, 24), slice(24, 32)):
+        msd_loss(a[sl], b[sl], img_m[sl], txt_m[sl], ring_img, ring_txt, pos[sl], 300, tau, 0.4, 32,
+                 precision="ieee").backward()
+    whole_tau = torch.tensor(0.07, device=TEST_DEVICE, requires_grad=True)
+    wa, wb = img.clone().requires_grad_(), txt.clone().requires_grad_()
+    msd_loss(wa, wb, img_m, txt_m, ring_img, ring_txt, pos, 300, whole_tau, 0.4, 32,
+             precision="ieee").backward()
+    assert rel(a.grad, wa.grad) <= TOL and rel(b.grad, wb.grad) <= TOL
+    assert rel(tau.grad, whole_tau.grad) <= TOL
+
+
+def test_writing_a_ring_between_forward_and_backward_is_an_error():
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(3, 16, 100, 100, 0)
+    a = img.clone().requires_grad_()
+    tau = torch.tensor(0.07, device=TEST_DEVICE)
+    loss = msd_loss(a, txt, img_m, txt_m, ring_img, ring_txt, pos, 100, tau, 0.4)
+    ring_txt[5] = 0.0  # an in-place write bumps the version counter
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: {**c, "txt": c["txt"][:, :8]}, "must all be"),
+    (lambda c: {**c, "img": c["img"].double()}, "one dtype"),
+    (lambda c: {**c, "ring_img": c["ring_img"].half(), "ring_txt": c["ring_txt"].half()}, "one dtype"),
+    (lambda c: {**c, "img_m": torch.empty(3, 16, device="meta")}, "one device"),
+    (lambda c: {**c, "n_valid": 0}, "n_valid"),
+    (lambda c: {**c, "n_valid": 101}, "n_valid"),
+    (lambda c: {**c, "ring_txt": c["ring_txt"].t().contiguous().t()}, "contiguous"),
+    (lambda c: {**c, "pos": c["pos"].float()}, "pos"),
+    (lambda c: {**c, "tau": 0.07}, "tau must be a tensor"),
+    (lambda c: {**c, "alpha": 1.5}, "alpha"),
+])
+def test_bad_input_is_a_value_error(change, message):
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(3, 16, 100, 100, 0)
+    args = dict(img=img, txt=txt, img_m=img_m, txt_m=txt_m, ring_img=ring_img, ring_txt=ring_txt,
+                pos=pos, n_valid=100, tau=torch.tensor(0.07, device=TEST_DEVICE), alpha=0.4)
+    with pytest.raises(ValueError, match=message):
+        msd_loss(**change(args))
+
+
+def test_unsupported_dim_is_a_value_error():
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(2, 600, 10, 10, 0)
+    with pytest.raises(ValueError, match="dim 600 not supported"):
+        msd_loss(img, txt, img_m, txt_m, ring_img, ring_txt, pos, 10, torch.tensor(0.07, device=TEST_DEVICE),
+                 0.4)
