@@ -19,6 +19,11 @@ setup(
         "numpy",
         "pillow",
         "pydicom>=3",
+        # pydicom decodes JPEG Lossless (common in CR/DX archives), JPEG-LS, 12-bit JPEG and HTJ2K only
+        # through these; Pillow alone covers 8-bit JPEG and JPEG 2000.
+        "pylibjpeg>=2.0",
+        "pylibjpeg-libjpeg>=2.1",
+        "pylibjpeg-openjpeg>=2.0",
         "pyyaml",
         "tqdm",
         "tensorboard",

@@ -1,4 +1,4 @@
-"""The `fastmsd` command: train, synth, eval.
+"""The `fastmsd` command: train, synth, prepare, eval.
 
 User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
 code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
@@ -15,6 +15,7 @@ from fastmsd.config import Config, ConfigError, TrainConfig, preset
 from fastmsd.memory import parse_size
 
 DEFAULT_DATA = TrainConfig.data
+DEFAULT_SYNTHCXR = "data/synthcxr"
 
 # CLI option -> (config section, field). Only options the user gives override the preset, or
 # the saved config of a resumed run.
@@ -31,6 +32,8 @@ _OVERRIDES = {
     "queue_size": ("train", "queue_size"),
     "accum_mode": ("train", "accum_mode"),
     "loss_impl": ("train", "loss_impl"),
+    "loader": ("train", "loader"),
+    "loader_workers": ("train", "loader_workers"),
     "ema_impl": ("train", "ema_impl"),
     "dot_precision": ("train", "dot_precision"),
     "alpha": ("train", "alpha"),
@@ -54,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model (default: tiny on synthcxr on CPU, base on GPU)")
     tr.add_argument("--preset", choices=["tiny", "base"], help="model and schedule preset")
     tr.add_argument("--config", help="a YAML config (as saved in a run folder) instead of a preset")
-    tr.add_argument("--data", help=f"dataset folder in the MIMIC-CXR-JPG layout (default "
-                                   f"{DEFAULT_DATA}, synthcxr generated on first use)")
+    tr.add_argument("--data", help=f"a cache made by `fastmsd prepare` (default {DEFAULT_DATA}: "
+                                   "synthcxr, generated and prepared on first use)")
     tr.add_argument("--runs-dir", help="where run folders live (default runs)")
     tr.add_argument("--name", help="run name (default PRESET-DATE-TIME)")
     tr.add_argument("--resume", help="'latest' (of --name, or the newest run) or a checkpoint folder")
@@ -69,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--key-chunk", type=int, help="keys-phase chunk size")
     tr.add_argument("--queue-size", type=int, help="ring capacity Q (>= N)")
     tr.add_argument("--accum-mode", choices=["exact", "naive"])
+    tr.add_argument("--loader", choices=["auto", "memory", "torch", "dali"],
+                    help="auto: decode a small split once into memory, else stream it (DALI if installed)")
+    tr.add_argument("--loader-workers", type=int, help="decoding threads (default 2)")
     tr.add_argument("--loss-impl", choices=["auto", "triton", "eager"],
                     help="fused Triton loss or the eager reference (auto: Triton on CUDA)")
     tr.add_argument("--ema-impl", choices=["auto", "triton", "foreach"],
@@ -89,13 +95,27 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sy = sub.add_parser("synth", help="generate the synthcxr dataset")
-    sy.add_argument("--out", default=DEFAULT_DATA, help=f"output folder (default {DEFAULT_DATA})")
+    sy.add_argument("--out", default=DEFAULT_SYNTHCXR, help=f"output folder (default {DEFAULT_SYNTHCXR})")
     sy.add_argument("--seed", type=int, default=0)
     sy.add_argument("--n-train", type=int, default=5000, help="training images")
     sy.add_argument("--n-per-class", type=int, default=200, help="zero-shot test images per class")
     sy.add_argument("--size", type=int, default=256, help="image side in pixels")
     sy.add_argument("--workers", type=int, help="processes (default: all cores)")
     sy.add_argument("--preview", help="also write a PNG grid of samples with their reports")
+
+    pr = sub.add_parser("prepare", help="decode, resize and tokenize a dataset into a training cache")
+    pr.add_argument("dataset", help="mimic-cxr, chexpert, rsna-pneumonia, covidx, siim-pneumothorax "
+                                    "or synthcxr")
+    pr.add_argument("--root", required=True, help="the dataset folder, as it ships")
+    pr.add_argument("--out", required=True, help="the cache folder")
+    pr.add_argument("--size", type=int, default=512, help="shorter image side in pixels (default 512)")
+    pr.add_argument("--workers", type=int, help="processes (default: all cores)")
+    pr.add_argument("--max-len", type=int, default=128, help="report tokens kept (default 128)")
+    pr.add_argument("--vocab-size", type=int, default=30522,
+                    help="WordPiece vocabulary built from the training reports (default 30522)")
+    pr.add_argument("--tokenizer", help="use this tokenizer folder (e.g. a text encoder's) instead")
+    pr.add_argument("--seed", type=int, default=0, help="seed of the datasets' hashed splits")
+    pr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="zero-shot 5-class evaluation on synthcxr")
     ev.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
@@ -138,7 +158,7 @@ def _train(args: argparse.Namespace) -> None:
     if args.gpu_mem is not None:
         parse_size(args.gpu_mem)
     _positive(args, ["steps", "batch_size", "micro_batch_size", "key_chunk", "queue_size",
-                     "stop_after", "log_every", "save_every"])
+                     "stop_after", "log_every", "save_every", "loader_workers"])
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"data folder {args.data} not found")
     cfg = _train_config(args)
@@ -159,18 +179,27 @@ def _synth(args: argparse.Namespace) -> None:
         print(f"preview written to {preview(out, args.preview)}")
 
 
+def _prepare(args: argparse.Namespace) -> None:
+    _positive(args, ["size", "workers", "max_len", "vocab_size"])
+    from fastmsd.data.prepare import prepare
+
+    counts = prepare(args.dataset, args.root, args.out, size=args.size, workers=args.workers,
+                     vocab_size=args.vocab_size, max_len=args.max_len, tokenizer=args.tokenizer,
+                     seed=args.seed, progress=not args.no_progress)
+    print(f"{args.dataset}: found {counts['found']}, prepared {counts['prepared']}, "
+          f"rejected {counts['rejected']} (reasons in {Path(args.out) / 'rejects.csv'})")
+
+
 def _eval(args: argparse.Namespace) -> None:
     import json
 
     from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
-    from fastmsd.run import load_trained, resolve_device
+    from fastmsd.run import ensure_data, load_trained, resolve_device
 
     device = resolve_device(args.device)
     cfg, model, tokenizer, checkpoint = load_trained(args.run, device)
-    data = Path(args.data or cfg.train.data)
-    if not data.is_dir():
-        raise ConfigError(f"data folder {data} not found")
-    results = evaluate_synthcxr(model, tokenizer, data, cfg.model, device)
+    cache = ensure_data(args.data or cfg.train.data, generate=False)
+    results = evaluate_synthcxr(model, tokenizer, cache, cfg.model, device)
     (checkpoint / "zeroshot.json").write_text(json.dumps(results, indent=2))
     print(f"{checkpoint}\n{format_results(results)}")
 
@@ -178,7 +207,8 @@ def _eval(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        {"train": _train, "synth": _synth, "eval": _eval}[args.command](args)
+        commands = {"train": _train, "synth": _synth, "prepare": _prepare, "eval": _eval}
+        commands[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastmsd: error: {err}", file=sys.stderr)
         return 2

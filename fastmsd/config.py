@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = "data/synthcxr"
+    data: str = "data/synthcxr-cache"  # a cache written by `fastmsd prepare`
     runs_dir: str = "runs"
     name: str | None = None
     device: str = "auto"
@@ -49,6 +49,8 @@ class TrainConfig:
     key_chunk: int = 256  # keys-phase chunk (no activations are kept, so it may exceed b)
     queue_size: int = 2048  # ring capacity Q, must be >= N
     accum_mode: str = "exact"  # exact | naive
+    loader: str = "auto"  # auto | memory | torch | dali (see fastmsd.data.loader)
+    loader_workers: int = 2
     loss_impl: str = "auto"  # auto (triton on CUDA, eager elsewhere) | triton | eager
     ema_impl: str = "auto"  # auto (triton on CUDA, foreach elsewhere) | triton | foreach
     dot_precision: str = "tf32"  # the fused loss's fp32 dots: ieee | tf32 | bf16
@@ -86,6 +88,8 @@ class Config:
             )
         if t.accum_mode not in ("exact", "naive"):
             raise ConfigError(f"unknown --accum-mode {t.accum_mode!r} (exact or naive)")
+        if t.loader not in ("auto", "memory", "torch", "dali"):
+            raise ConfigError(f"unknown --loader {t.loader!r} (auto, memory, torch or dali)")
         if t.loss_impl not in ("auto", "triton", "eager"):
             raise ConfigError(f"unknown --loss-impl {t.loss_impl!r} (auto, triton or eager)")
         if t.ema_impl not in ("auto", "triton", "foreach"):

@@ -20,14 +20,19 @@ from fastmsd.checkpoint import (
     save_checkpoint,
 )
 from fastmsd.config import Config, ConfigError, load_yaml, save_yaml
-from fastmsd.data.loader import BatchStream, PairSet, augment, to_model_input
-from fastmsd.data.mimic import read_mimic_cxr, report_text
-from fastmsd.data.text import load_tokenizer, train_wordpiece
+from fastmsd.data import dali
+from fastmsd.data.cache import Cache
+from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages
+from fastmsd.data.text import load_tokenizer, tokenize
 from fastmsd.engine import Batch, Engine, resolve_precision
 from fastmsd.memory import cap_cuda_memory, format_size, parse_size
 from fastmsd.model import build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
+# synthcxr is drawn at 256 px; its cache keeps that (the tiny preset trains at 64, base at 224).
+SYNTHCXR_CACHE_SIZE = 256
+# The memory loader's limit for the decoded training split (uint8 at training resolution).
+MEMORY_LOADER_BYTES = 2 * 2**30
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,17 +44,25 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def ensure_data(root: str | Path, generate: bool) -> Path:
-    """The dataset folder; synthcxr is generated there on first use when ``generate``."""
-    root = Path(root)
-    if generate and not (root / "synthcxr.json").is_file():
+def ensure_data(data: str | Path, generate: bool) -> Cache:
+    """The prepared cache training reads. With ``generate`` (the default synthcxr location), a
+    missing cache is made on first use: synthcxr is generated beside it, then prepared."""
+    data = Path(data)
+    if generate and not Cache.is_cache(data):
+        from fastmsd.data.prepare import prepare
         from fastmsd.data.synthetic import generate as generate_synthcxr
 
-        print(f"generating synthcxr in {root} (first use)")
-        generate_synthcxr(root)
-    if not root.is_dir():
-        raise ConfigError(f"data folder {root} not found")
-    return root
+        raw = data.with_name(data.name.removesuffix("-cache"))
+        print(f"first use: generating synthcxr in {raw} and preparing it into {data}")
+        generate_synthcxr(raw)
+        counts = prepare("synthcxr", raw, data, size=SYNTHCXR_CACHE_SIZE)
+        print(f"prepared {counts['prepared']} of {counts['found']} images ({counts['rejected']} rejected)")
+    if not data.is_dir():
+        raise ConfigError(f"data folder {data} not found")
+    if not Cache.is_cache(data):
+        raise ConfigError(f"{data} is not a prepared cache: run `fastmsd prepare DATASET --root {data} "
+                          "--out CACHE` and train with --data CACHE")
+    return Cache(data)
 
 
 def locate_checkpoint(runs_dir: str | Path, name: str | None, resume: str) -> Path:
@@ -89,16 +102,17 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_tokenizer(cfg: Config, run_dir: Path, reports: list[str]):
-    """The text encoder's own tokenizer when it is a local model folder, else a WordPiece
-    vocabulary trained on the training reports once and kept with the run."""
+def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path):
+    """The run's tokenizer and the token arrays of ``indices``: the cache's own vocabulary and
+    arrays, copied into the run folder (so that evaluation needs only the run); or, when the
+    text encoder is a local model folder, that model's tokenizer over the cached report texts."""
     source = Path(cfg.model.text_encoder)
     if source.is_dir():
-        return load_tokenizer(source)
-    saved = run_dir / "tokenizer"
-    if (saved / "vocab.txt").is_file():
-        return load_tokenizer(saved)
-    return train_wordpiece(reports, cfg.model.vocab_size, saved)
+        tokenizer = load_tokenizer(source)
+        return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
+    tokenizer = cache.tokenizer()
+    tokenizer.save_pretrained(run_dir / "tokenizer")
+    return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
 
 
 def _memory_in_use(device: torch.device) -> int:
@@ -131,18 +145,19 @@ class Logger:
         self.tb.close()
 
 
-def make_batch(pairs: PairSet, idx: torch.Tensor, cfg: Config, step: int,
-               device: torch.device) -> Batch:
-    # uint8 pixels travel (4x fewer bytes than float) and are augmented on the device, from a
-    # generator keyed by (seed, step): resume-exact, and apart from the RNG dropout consumes.
-    g = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + step)
-    pin = device.type == "cuda"
-
-    def move(t: torch.Tensor) -> torch.Tensor:
-        return t.pin_memory().to(device, non_blocking=True) if pin else t
-
-    images = to_model_input(augment(move(pairs.images[idx]), g), cfg.model.in_chans)
-    return Batch(images, move(pairs.input_ids[idx].long()), move(pairs.attention_mask[idx]))
+def build_loader(cfg: Config, paths: list[Path], device: torch.device):
+    """The ``--loader`` for the training split; auto keeps a split that fits in
+    ``MEMORY_LOADER_BYTES`` decoded in memory, else streams it with DALI when installed, else torch."""
+    kind, size = cfg.train.loader, cfg.model.image_size
+    if kind == "auto":
+        fits = len(paths) * size * size <= MEMORY_LOADER_BYTES
+        kind = "memory" if fits else "dali" if dali.available() else "torch"
+    args = (paths, size, cfg.model.in_chans, device, cfg.train.seed)
+    if kind == "memory":
+        return MemoryImages(*args)
+    if kind == "torch":
+        return StreamImages(*args, workers=cfg.train.loader_workers)
+    return dali.DaliImages(*args, batch_size=cfg.train.batch_size, num_threads=cfg.train.loader_workers)
 
 
 def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = None,
@@ -164,20 +179,18 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
             cap_cuda_memory(budget, device)
         else:
             print(f"note: --gpu-mem {cfg.train.gpu_mem} has no effect on {device}")
-    data_root = ensure_data(cfg.train.data, generate_data)
-    records = [r for r in read_mimic_cxr(data_root) if r.split == "train"]
-    reports = [report_text(r.report_path.read_text(encoding="utf-8", errors="replace")) for r in records]
+    cache = ensure_data(cfg.train.data, generate_data)
+    train_idx = cache.indices("train")
     if run_dir is None:
         run_dir = new_run_dir(cfg)
     else:
         save_yaml(cfg, run_dir / CONFIG_FILE)
-    tokenizer = run_tokenizer(cfg, run_dir, reports)
+    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir)
 
     torch.manual_seed(cfg.train.seed)
     engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device)
-    pairs = PairSet.build([r.image_path for r in records], reports, tokenizer,
-                          cfg.model.image_size, cfg.model.max_len)
-    stream = BatchStream(len(pairs), cfg.train.batch_size, cfg.train.seed)
+    images = build_loader(cfg, cache.image_paths(train_idx), device)
+    stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
         stream.load_state_dict(state.pop("data"))
@@ -194,7 +207,10 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     window_steps, window_start = 0, time.perf_counter()
     try:
         while engine.step < last:
-            batch = make_batch(pairs, stream.next(), cfg, engine.step, device)
+            idx = stream.next()
+            batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()),
+                          input_ids[idx].long().to(device, non_blocking=True),
+                          attention_mask[idx].to(device, non_blocking=True))
             loss, grad_norm = engine.train_step(batch)
             window_loss += loss.detach()
             window_steps += 1
@@ -226,7 +242,7 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     if t.eval_at_end and engine.step == t.steps:
         from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
 
-        results = evaluate_synthcxr(engine.model, tokenizer, data_root, cfg.model, device)
+        results = evaluate_synthcxr(engine.model, tokenizer, cache, cfg.model, device)
         (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
         print(format_results(results))
     return run_dir

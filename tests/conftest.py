@@ -47,3 +47,13 @@ def synth_root(tmp_path_factory):
 
     return generate(tmp_path_factory.mktemp("synthcxr"), seed=0, n_train=640, n_per_class=40,
                     size=64, n_dicom=2, workers=2, progress=False)
+
+
+@pytest.fixture(scope="session")
+def synth_cache(synth_root, tmp_path_factory):
+    """``synth_root`` prepared into a training cache (64 px, as the tests train)."""
+    from fastmsd.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("synthcxr-cache")
+    prepare("synthcxr", synth_root, out, size=64, workers=2, progress=False)
+    return out

@@ -80,13 +80,13 @@ def assert_same(a, b, where=""):
         assert a == b, where
 
 
-def test_resume_is_bit_exact(tmp_path, synth_root):
+def test_resume_is_bit_exact(tmp_path, synth_cache):
     """2k steps in one run == k steps, stop, --resume latest, k steps."""
     def cfg(name):
         c = micro_config(steps=6, save_every=100, batch_size=32, micro_batch_size=16, queue_size=80,
                          alpha_warmup_steps=4)
         c.model.text_encoder_args = {**c.model.text_encoder_args, "hidden_dropout_prob": 0.1}
-        c.train.data, c.train.runs_dir, c.train.name = str(synth_root), str(tmp_path), name
+        c.train.data, c.train.runs_dir, c.train.name = str(synth_cache), str(tmp_path), name
         return c
 
     whole = train(cfg("whole"), progress=False)

@@ -51,8 +51,8 @@ def test_missing_data_folder(tmp_path):
                           "data folder", "nope")
 
 
-def test_unknown_encoders(tmp_path, synth_root):
-    common = ("train", "--preset", "tiny", "--data", str(synth_root), "--no-progress")
+def test_unknown_encoders(tmp_path, synth_cache):
+    common = ("train", "--preset", "tiny", "--data", str(synth_cache), "--no-progress")
     r = run_cli(*common, "--image-encoder", "vit_imaginary_1b", cwd=tmp_path)
     assert_one_line_error(r, "unknown image encoder 'vit_imaginary_1b'")
     r = run_cli(*common, "--text-encoder", "bert-imaginary", cwd=tmp_path)
@@ -63,8 +63,8 @@ def test_resume_without_checkpoint(tmp_path):
     assert_one_line_error(run_cli("train", "--resume", "latest", cwd=tmp_path), "--resume latest")
 
 
-def test_train_resume_eval_end_to_end(tmp_path, synth_root):
-    common = ("--data", str(synth_root), "--runs-dir", str(tmp_path / "runs"), "--name", "e2e",
+def test_train_resume_eval_end_to_end(tmp_path, synth_cache):
+    common = ("--data", str(synth_cache), "--runs-dir", str(tmp_path / "runs"), "--name", "e2e",
               "--batch-size", "32", "--micro-batch-size", "16", "--queue-size", "64", "--no-progress")
     r = run_cli("train", *common, "--steps", "5", "--stop-after", "3", cwd=tmp_path)
     assert r.returncode == 0, r.stderr

@@ -1,7 +1,14 @@
-"""A simple in-memory loader of image-report pairs with deterministic, resumable order.
+"""Training images from a prepared cache, behind one interface, in a deterministic, resumable order.
 
-Images are decoded once at training resolution and kept as uint8; augmentation runs batched
-in torch from a generator seeded by (seed, step), so a resumed run sees the same pixels.
+``BatchStream`` decides which items each optimizer step sees (a seeded shuffle per epoch, its
+position saved in checkpoints); a loader turns those indices into normalised image tensors on
+the device:
+- ``MemoryImages`` decodes the split once at training resolution (small sets: synthcxr, tests);
+- ``StreamImages`` decodes every batch from the JPEGs, PIL in threads on the CPU or torchvision's
+  decoder on a CUDA device, prefetching the next batch;
+- ``fastmsd.data.dali.DaliImages`` runs the same steps as an NVIDIA DALI pipeline.
+The torch loaders augment batched on the device from a generator keyed by (seed, step), so a
+resumed run sees the same pixels. No flips anywhere: laterality is written in the reports.
 """
 
 from __future__ import annotations
@@ -9,7 +16,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +24,13 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from fastmsd.data.text import tokenize
-
 # Grayscale radiographs: one mean/std for every channel.
 MEAN, STD = 0.5, 0.25
+
+
+def _half_up(x: float) -> int:
+    # DALI rounds halves up (Python's round() goes to even): the loaders must agree to the pixel.
+    return math.floor(x + 0.5)
 
 
 def _load_one(path: Path, size: int) -> np.ndarray:
@@ -29,10 +38,10 @@ def _load_one(path: Path, size: int) -> np.ndarray:
         im = im.convert("L")
         w, h = im.size
         scale = size / min(w, h)
-        im = im.resize((max(size, round(w * scale)), max(size, round(h * scale))),
+        im = im.resize((max(size, _half_up(w * scale)), max(size, _half_up(h * scale))),
                        Image.Resampling.BILINEAR)
         w, h = im.size
-        left, top = (w - size) // 2, (h - size) // 2
+        left, top = _half_up((w - size) / 2), _half_up((h - size) / 2)
         return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
 
 
@@ -42,24 +51,6 @@ def load_images(paths: Sequence[Path], size: int, desc: str = "decode") -> torch
         arrays = list(tqdm(pool.map(lambda p: _load_one(p, size), paths), total=len(paths),
                            desc=desc, leave=False, disable=None))
     return torch.from_numpy(np.stack(arrays))[:, None]
-
-
-@dataclass
-class PairSet:
-    """Image-report pairs of one split: uint8 images and pre-tokenized reports."""
-
-    images: torch.Tensor  # uint8 [n, 1, S, S]
-    input_ids: torch.Tensor  # int32 [n, L]
-    attention_mask: torch.Tensor  # bool [n, L]
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @classmethod
-    def build(cls, image_paths: Sequence[Path], reports: Sequence[str], tokenizer, size: int,
-              max_len: int) -> PairSet:
-        ids, mask = tokenize(tokenizer, reports, max_len)
-        return cls(load_images(image_paths, size), ids, mask)
 
 
 def to_model_input(images: torch.Tensor, in_chans: int) -> torch.Tensor:
@@ -114,9 +105,80 @@ class BatchStream:
         self.index += self.batch_size
         return idx
 
+    def peek(self) -> torch.Tensor:
+        """The batch the next ``next()`` returns, without moving (for prefetching)."""
+        state, perm = self.state_dict(), self._perm
+        idx = self.next()
+        self.epoch, self.index, self._perm = state["epoch"], state["index"], perm
+        return idx
+
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "index": self.index}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._perm = self._permutation()
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # uint8 pixels travel (4x fewer bytes than float), pinned so the copy overlaps compute.
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class MemoryImages:
+    """The whole split decoded once into host memory at training resolution (uint8)."""
+
+    def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int):
+        self.images = load_images(paths, size)
+        self.in_chans, self.device, self.seed = in_chans, device, seed
+
+    def batch(self, idx: torch.Tensor, step: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        images = augment(_to_device(self.images[idx], self.device), step_generator(self.seed, step))
+        return to_model_input(images, self.in_chans)
+
+
+class StreamImages:
+    """Each batch decoded from the cache's JPEGs: PIL in worker threads on the CPU, torchvision's
+    batched JPEG decoder on a CUDA device; the next batch is decoded while this one trains."""
+
+    def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int,
+                 workers: int = 2):
+        self.paths, self.size, self.in_chans = list(paths), size, in_chans
+        self.device, self.seed = device, seed
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+        self._ahead: tuple[torch.Tensor, object] | None = None
+
+    def decode(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 [n, 1, size, size] on the device: shorter side resized, centre crop."""
+        chosen = [self.paths[i] for i in idx.tolist()]
+        if self.device.type != "cuda":
+            arrays = list(self.pool.map(lambda p: _load_one(p, self.size), chosen))
+            return torch.from_numpy(np.stack(arrays))[:, None]
+        from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+        data = list(self.pool.map(lambda p: read_file(str(p)), chosen))
+        decoded = decode_jpeg(data, mode=ImageReadMode.GRAY, device=self.device)
+        return torch.stack([_resize_crop(img, self.size) for img in decoded])
+
+    def batch(self, idx: torch.Tensor, step: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+        if self._ahead is not None and torch.equal(self._ahead[0], idx):
+            images = self._ahead[1].result()
+        else:
+            images = self.decode(idx)
+        self._ahead = None if prefetch is None else (prefetch, self.pool.submit(self.decode, prefetch))
+        images = augment(_to_device(images, self.device), step_generator(self.seed, step))
+        return to_model_input(images, self.in_chans)
+
+
+def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:
+    """[1, H, W] uint8 -> [1, size, size]: the PIL path's geometry, in torch on the device."""
+    h, w = img.shape[-2:]
+    scale = size / min(h, w)
+    nh, nw = max(size, _half_up(h * scale)), max(size, _half_up(w * scale))
+    x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)
+    top, left = _half_up((nh - size) / 2), _half_up((nw - size) / 2)
+    return x[0, :, top : top + size, left : left + size].round().clamp(0, 255).to(torch.uint8)

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fastmsd.config import ModelConfig
+from fastmsd.config import ConfigError, ModelConfig
+from fastmsd.data.cache import Cache
 from fastmsd.data.loader import load_images, to_model_input
-from fastmsd.data.mimic import read_mimic_cxr
+from fastmsd.data.prepare import ZEROSHOT_LIST
 from fastmsd.data.text import tokenize
 from fastmsd.eval.metrics import macro_auc_ovr
 from fastmsd.model import MSDModel, Tower
@@ -37,22 +38,25 @@ PROMPTS: dict[str, list[str]] = {
                          "There is a moderate right pleural effusion.", "Small left pleural effusion."],
 }
 CLASSES = tuple(PROMPTS)
-ZEROSHOT_FILE = "synthcxr-5x200.csv"
 
 
-def load_zeroshot_set(root: str | Path) -> tuple[list[Path], np.ndarray]:
-    """Image paths and class indices of the 5x200 test list of a synthcxr folder."""
-    root = Path(root)
-    listing = root / ZEROSHOT_FILE
+def load_zeroshot_set(cache: Cache) -> tuple[list[Path], np.ndarray]:
+    """Image paths and class indices of the 5x200 list that a prepared synthcxr cache carries."""
+    listing = cache.root / ZEROSHOT_LIST
     if not listing.is_file():
-        raise FileNotFoundError(f"no zero-shot test list {listing}")
-    paths = {r.dicom_id: r.image_path for r in read_mimic_cxr(root)}
+        raise ConfigError(f"{cache.root} has no zero-shot test list {ZEROSHOT_LIST} (a synthcxr cache has)")
+    index = {row["id"]: i for i, row in enumerate(cache.rows)}
     with listing.open(newline="") as f:
         rows = list(csv.DictReader(f))
     unknown = sorted({r["label"] for r in rows} - set(CLASSES))
     if unknown:
-        raise ValueError(f"{listing} names unknown classes: {', '.join(unknown)}")
-    return [paths[r["dicom_id"]] for r in rows], np.array([CLASSES.index(r["label"]) for r in rows])
+        raise ConfigError(f"{listing} names unknown classes: {', '.join(unknown)}")
+    missing = [r["dicom_id"] for r in rows if r["dicom_id"] not in index]
+    if missing:
+        raise ConfigError(f"{len(missing)} zero-shot images are not in the cache (e.g. {missing[0]}); "
+                          "see its rejects.csv")
+    paths = cache.image_paths([index[r["dicom_id"]] for r in rows])
+    return paths, np.array([CLASSES.index(r["label"]) for r in rows])
 
 
 @torch.no_grad()
@@ -93,10 +97,10 @@ def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, 
     }
 
 
-def evaluate_synthcxr(model: MSDModel, tokenizer, root: str | Path, cfg: ModelConfig,
+def evaluate_synthcxr(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig,
                       device: torch.device) -> dict:
-    """Zero-shot results of the student tower on the 5x200 list of a synthcxr folder."""
-    paths, labels = load_zeroshot_set(root)
+    """Zero-shot results of the student tower on the 5x200 list of a synthcxr cache."""
+    paths, labels = load_zeroshot_set(cache)
     return zeroshot(model.student, tokenizer, load_images(paths, cfg.image_size, "eval images"), labels,
                     cfg, model.tau.item(), device)
 

@@ -1,0 +1,70 @@
+"""Reading a cache written by `fastmsd prepare` (see fastmsd.data.prepare for the layout)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastmsd.config import ConfigError
+from fastmsd.data.prepare import MANIFEST, MARKER
+
+
+class Cache:
+    """The manifest rows of a prepared cache, its token arrays and its tokenizer."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        marker = self.root / MARKER
+        if not marker.is_file():
+            raise ConfigError(f"{self.root} is not a complete prepared cache (no {MARKER}): "
+                              "run `fastmsd prepare` into it first")
+        self.info = json.loads(marker.read_text())
+        with (self.root / MANIFEST).open() as f:
+            self.rows = [json.loads(line) for line in f]
+        tokens = self.root / "tokens.npy"
+        self.tokens = np.load(tokens) if tokens.is_file() else None
+        self.lengths = np.load(self.root / "lengths.npy") if tokens.is_file() else None
+
+    @staticmethod
+    def is_cache(root: str | Path) -> bool:
+        return (Path(root) / MARKER).is_file()
+
+    @property
+    def has_reports(self) -> bool:
+        return self.tokens is not None
+
+    def indices(self, split: str) -> list[int]:
+        found = [i for i, row in enumerate(self.rows) if row["split"] == split]
+        if not found:
+            raise ConfigError(f"cache {self.root} has no items in split {split!r}")
+        return found
+
+    def image_paths(self, indices: list[int]) -> list[Path]:
+        return [self.root / self.rows[i]["image"] for i in indices]
+
+    def texts(self, indices: list[int]) -> list[str]:
+        return [f"{self.rows[i]['findings']} {self.rows[i]['impression']}".strip() for i in indices]
+
+    def token_arrays(self, indices: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cached token ids [n, max_len] (int32) and attention mask, cut to ``max_len``."""
+        if self.tokens is None:
+            raise ConfigError(f"cache {self.root} holds no reports: it cannot train a text encoder")
+        if max_len > self.tokens.shape[1]:
+            raise ConfigError(f"cache {self.root} was tokenized to {self.tokens.shape[1]} tokens, "
+                              f"fewer than max_len {max_len}: prepare it again with --max-len {max_len}")
+        ids = torch.from_numpy(self.tokens[indices, :max_len].copy())
+        lengths = torch.from_numpy(np.minimum(self.lengths[indices], max_len))
+        mask = torch.arange(max_len)[None] < lengths[:, None]
+        # A report cut short keeps [SEP] as its last token, as the tokenizer's truncation would.
+        cut = torch.from_numpy(self.lengths[indices] > max_len)
+        if bool(cut.any()):
+            ids[cut, max_len - 1] = self.tokenizer().sep_token_id
+        return ids, mask
+
+    def tokenizer(self):
+        from fastmsd.data.text import load_tokenizer
+
+        return load_tokenizer(self.root / "tokenizer")

@@ -1,0 +1,417 @@
+"""Readers of public chest X-ray datasets as they ship, producing one item list for ``prepare``.
+
+Each reader checks its layout (a missing CSV or folder raises FileNotFoundError naming it),
+turns every label row into either an :class:`Item` or a :class:`Reject` (an image that is not
+on disk, a malformed line, an unknown label value), and never opens an image: decoding is
+``prepare``'s job. Items come sorted by (patient, study, id); rejects in file order. A reject's
+source is "<file>:<line>" (header = line 1), except for MIMIC-CXR / synthcxr, whose reader
+gives no line numbers: there it is the image path relative to the root.
+
+Label policy
+------------
+One policy, applied here, for the datasets labelled by the CheXpert labeler (``chexpert``,
+``mimic-cxr``, ``synthcxr``); :func:`apply_label_policy` implements it:
+
+* positive 1.0 stays 1.0, negative 0.0 stays 0.0;
+* blank (the report does not mention the finding) becomes 0.0 for every column, "No Finding"
+  included: an unmentioned finding is read as absent, as the CheXpert and GLoRIA / MGCA
+  evaluations do;
+* uncertain -1.0 becomes ``UNCERTAIN_POLICY[column]``: 1.0 ("U-Ones") for Atelectasis, Edema
+  and Pleural Effusion, 0.0 ("U-Zeros") for every other column. Irvin et al. 2019 (CheXpert,
+  table 2) compare the two binary mappings on the radiologist-labelled validation set: U-Ones
+  scores higher for Atelectasis, Edema and (narrowly) Pleural Effusion, U-Zeros for
+  Cardiomegaly and Consolidation; we take the better of the two per finding. The other columns
+  were not evaluated there; for them U-Zeros keeps hedged mentions ("cannot exclude ...") from
+  becoming positives;
+* a row with no value at all (a MIMIC-CXR study missing from the CheXpert CSV) stays all None:
+  unlabelled, not negative.
+
+The single-finding datasets carry their own binary labels: ``rsna-pneumonia``
+``{"Pneumonia": 0/1}``, ``covidx`` ``{"COVID-19": 0/1}``, ``siim-pneumothorax``
+``{"Pneumothorax": 0/1}``.
+
+Splits
+------
+CheXpert, MIMIC-CXR / synthcxr and COVIDx ship their splits. RSNA Pneumonia and SIIM
+Pneumothorax ship labels for their training set only, so it is split here 80 / 10 / 10 into
+train / validate / test by :func:`hash_split`: the first 8 bytes of
+``sha256(f"{seed}:{key}")`` as a fraction of 2**64, below 0.8 -> train, below 0.9 -> validate,
+else test. The key is the RSNA patientId or the SIIM ImageId (SIIM names no patient outside
+the DICOM header; its images are nearly all one per patient). The assignment depends only on
+the key and the seed, never on which other images are present.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from .mimic import read_mimic_cxr
+from .synthetic import CHEXPERT_COLUMNS
+
+__all__ = [
+    "DATASETS",
+    "UNCERTAIN_POLICY",
+    "Item",
+    "Reject",
+    "apply_label_policy",
+    "hash_split",
+    "read_dataset",
+]
+
+DATASETS: tuple[str, ...] = (
+    "mimic-cxr", "chexpert", "rsna-pneumonia", "covidx", "siim-pneumothorax", "synthcxr",
+)
+
+_U_ONES = frozenset({"Atelectasis", "Edema", "Pleural Effusion"})
+UNCERTAIN_POLICY: dict[str, float] = {c: 1.0 if c in _U_ONES else 0.0 for c in CHEXPERT_COLUMNS}
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
+# COVIDx CXR-3/-4 label positive/negative; older releases name the class instead.
+_COVIDX_LABELS = {"positive": 1.0, "covid-19": 1.0, "negative": 0.0, "normal": 0.0,
+                  "pneumonia": 0.0}
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to prepare, with its labels (after the policy) and report."""
+
+    id: str                     # filesystem-safe, unique within the dataset, stable
+    dataset: str
+    image: Path                 # absolute path of the JPEG, PNG or DICOM file
+    split: str                  # "train" | "validate" | "test"
+    view: str | None
+    patient: str
+    study: str | None
+    labels: dict[str, float | None] = field(hash=False)
+    report: str | None          # raw report text (MIMIC-CXR, synthcxr), else None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A label row or file that yields no item, and why."""
+
+    source: str                 # e.g. "train.csv:17"
+    reason: str
+
+
+# (source, item) pairs: the source names the row when the item later turns out a duplicate.
+_Found = list[tuple[str, Item]]
+_Reader = Callable[[Path, bool, int], tuple[_Found, list[Reject]]]
+
+
+def apply_label_policy(raw: dict[str, float | None]) -> dict[str, float | None]:
+    """CheXpert-labeler values (1, 0, -1 or None) mapped by the module's label policy.
+
+    Raises ValueError for a value other than 1, 0, -1 or None, or a column the policy does
+    not cover.
+    """
+    if all(v is None for v in raw.values()):
+        return dict(raw)
+    out: dict[str, float | None] = {}
+    for name, value in raw.items():
+        if name not in UNCERTAIN_POLICY:
+            raise ValueError(f"no label policy for column {name!r}")
+        if value is None:
+            out[name] = 0.0
+        elif value == -1.0:
+            out[name] = UNCERTAIN_POLICY[name]
+        elif value in (0.0, 1.0):
+            out[name] = float(value)
+        else:
+            raise ValueError(f"label {name!r} has value {value!r}, expected 1, 0, -1 or blank")
+    return out
+
+
+def hash_split(key: str, seed: int) -> str:
+    """Deterministic 80 / 10 / 10 train / validate / test assignment of ``key``."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "train" if u < 0.8 else "validate" if u < 0.9 else "test"
+
+
+def _safe_id(text: str) -> str:
+    return _UNSAFE.sub("_", text)
+
+
+def _require(path: Path, dataset: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{dataset}: missing {path}")
+    return path
+
+
+def _keep_if_present(source: str, item: Item, found: _Found, rejects: list[Reject]) -> None:
+    if item.image.is_file():
+        found.append((source, item))
+    else:
+        rejects.append(Reject(source, f"image file not found: {item.image}"))
+
+
+@contextmanager
+def _open_csv(path: Path, required: tuple[str, ...]) -> Iterator[csv.DictReader]:
+    # skipinitialspace: SIIM's header reads "ImageId, EncodedPixels" and its rows " -1".
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f, skipinitialspace=True)
+        missing = [c for c in required if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
+        yield reader
+
+
+_RAGGED = "malformed row: its number of fields differs from the header's"
+
+
+def _ragged(row: dict[str | None, str | None]) -> bool:
+    # DictReader files a row's surplus fields under None and fills its missing ones with None.
+    return None in row or None in row.values()
+
+
+# --------------------------------------------------------------------------- MIMIC-CXR layout
+
+@dataclass(frozen=True)
+class _Unreadable:
+    reason: str
+
+
+def _read_report(path: Path) -> str | _Unreadable:
+    # A report that is not UTF-8 is rejected, never guessed at: mojibake would train the text
+    # encoder on garbage without anyone noticing.
+    try:
+        return path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return _Unreadable(f"report file not found: {path}")
+    except UnicodeDecodeError as err:
+        return _Unreadable(f"report is not UTF-8 text ({err.reason} at byte {err.start}): {path}")
+
+
+def _mimic_reader(dataset: str) -> _Reader:
+    def read(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+        found: _Found = []
+        rejects: list[Reject] = []
+        reports: dict[Path, str | _Unreadable] = {}
+        for rec in read_mimic_cxr(root, frontal_only=frontal_only):
+            # read_mimic_cxr gives no CSV line numbers; the image path names the row as well.
+            source = rec.image_path.relative_to(root).as_posix()
+            try:
+                labels = apply_label_policy(rec.labels)
+            except ValueError as e:
+                rejects.append(Reject(source, str(e)))
+                continue
+            if rec.report_path not in reports:
+                reports[rec.report_path] = _read_report(rec.report_path)
+            report = reports[rec.report_path]
+            if isinstance(report, _Unreadable):
+                rejects.append(Reject(source, report.reason))
+                continue
+            _keep_if_present(source, Item(
+                id=_safe_id(rec.dicom_id), dataset=dataset, image=rec.image_path, split=rec.split,
+                view=rec.view or None, patient=rec.subject_id, study=rec.study_id, labels=labels,
+                report=report), found, rejects)
+        return found, rejects
+    return read
+
+
+# --------------------------------------------------------------------------- CheXpert
+
+def _chexpert_relpath(root: Path, text: str) -> PurePosixPath:
+    rel = PurePosixPath(text.strip())
+    # Paths start with the release folder ("CheXpert-v1.0-small/train/..."), which is the root
+    # itself unless it was renamed; drop it either way so both spellings resolve under root.
+    if rel.parts and (rel.parts[0] == root.name or rel.parts[0].startswith("CheXpert-v1.0")):
+        rel = PurePosixPath(*rel.parts[1:])
+    return rel
+
+
+def _chexpert_values(row: dict[str, str]) -> dict[str, float | None]:
+    out: dict[str, float | None] = {}
+    for column in CHEXPERT_COLUMNS:
+        text = row[column].strip()
+        try:
+            out[column] = float(text) if text else None
+        except ValueError:
+            raise ValueError(f"label {column!r} has value {text!r}, expected 1, 0, -1 or blank") from None
+    return out
+
+
+def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+    found: _Found = []
+    rejects: list[Reject] = []
+    required = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS)
+    for name, split, needed in (("train.csv", "train", True), ("valid.csv", "validate", True),
+                                ("test.csv", "test", False)):
+        path = root / name
+        if not needed and not path.is_file():
+            continue
+        with _open_csv(_require(path, "chexpert"), required) as reader:
+            for row in reader:
+                source = f"{name}:{reader.line_num}"
+                if _ragged(row):
+                    rejects.append(Reject(source, _RAGGED))
+                    continue
+                frontal = row["Frontal/Lateral"].strip().lower() == "frontal"
+                if frontal_only and not frontal:
+                    continue
+                rel = _chexpert_relpath(root, row["Path"])
+                if rel.is_absolute() or len(rel.parts) < 3:
+                    rejects.append(Reject(source, f"unexpected Path {row['Path']!r}, expected "
+                                                  "<split>/<patient>/<study>/<view>.jpg"))
+                    continue
+                try:
+                    labels = apply_label_policy(_chexpert_values(row))
+                except ValueError as e:
+                    rejects.append(Reject(source, str(e)))
+                    continue
+                patient, study = rel.parts[-3], rel.parts[-2]
+                view = (row["AP/PA"].strip().upper() or None) if frontal else "LATERAL"
+                _keep_if_present(source, Item(
+                    id=_safe_id(f"{patient}_{study}_{rel.stem}"), dataset="chexpert",
+                    image=root.joinpath(*rel.parts), split=split, view=view, patient=patient,
+                    study=f"{patient}_{study}", labels=labels, report=None), found, rejects)
+    return found, rejects
+
+
+# --------------------------------------------------------------------------- RSNA Pneumonia
+
+def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+    name = "stage_2_train_labels.csv"
+    images = _require(root / "stage_2_train_images", "rsna-pneumonia")
+    rejects: list[Reject] = []
+    # patientId -> (first row's source, any box); one row per box, so a patient may repeat.
+    patients: dict[str, tuple[str, bool]] = {}
+    with _open_csv(_require(root / name, "rsna-pneumonia"), ("patientId", "Target")) as reader:
+        for row in reader:
+            source = f"{name}:{reader.line_num}"
+            if _ragged(row):
+                rejects.append(Reject(source, _RAGGED))
+                continue
+            pid, target = row["patientId"].strip(), row["Target"].strip()
+            if not pid or target not in ("0", "1"):
+                rejects.append(Reject(source, f"malformed row: patientId {pid!r}, Target {target!r}"))
+                continue
+            first, positive = patients.get(pid, (source, False))
+            patients[pid] = (first, positive or target == "1")
+    found: _Found = []
+    for pid, (source, positive) in patients.items():
+        _keep_if_present(source, Item(
+            id=_safe_id(pid), dataset="rsna-pneumonia", image=images / f"{pid}.dcm",
+            split=hash_split(pid, seed), view=None, patient=pid, study=None,
+            labels={"Pneumonia": 1.0 if positive else 0.0}, report=None), found, rejects)
+    return found, rejects
+
+
+# --------------------------------------------------------------------------- COVIDx
+
+def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+    found: _Found = []
+    rejects: list[Reject] = []
+    for stem, split, needed in (("train", "train", True), ("val", "validate", False),
+                                ("test", "test", True)):
+        name = f"{stem}.txt"
+        if not needed and not (root / name).is_file():
+            continue
+        listing = _require(root / name, "covidx")
+        folder = _require(root / stem, "covidx")
+        with open(listing) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                source = f"{name}:{n}"
+                fields = line.split()
+                if len(fields) != 4:
+                    reason = (f"malformed line ({len(fields)} fields, expected patient_id filename "
+                              f"label source): {line.strip()[:80]!r}")
+                    rejects.append(Reject(source, reason))
+                    continue
+                patient, filename, label, _origin = fields
+                value = _COVIDX_LABELS.get(label.lower())
+                if value is None:
+                    rejects.append(Reject(source, f"unknown label {label!r}"))
+                    continue
+                _keep_if_present(source, Item(
+                    id=_safe_id(Path(filename).stem), dataset="covidx", image=folder / filename,
+                    split=split, view=None, patient=patient, study=None,
+                    labels={"COVID-19": value}, report=None), found, rejects)
+    return found, rejects
+
+
+# --------------------------------------------------------------------------- SIIM-ACR Pneumothorax
+
+def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+    name = "train-rle.csv"
+    folder = _require(root / "dicom-images-train", "siim-pneumothorax")
+    rejects: list[Reject] = []
+    # ImageId -> (first row's source, any mask); an image with several masks has several rows.
+    images: dict[str, tuple[str, bool]] = {}
+    with _open_csv(_require(root / name, "siim-pneumothorax"), ("ImageId", "EncodedPixels")) as reader:
+        for row in reader:
+            source = f"{name}:{reader.line_num}"
+            if _ragged(row):
+                rejects.append(Reject(source, _RAGGED))
+                continue
+            image_id, rle = row["ImageId"].strip(), row["EncodedPixels"].strip()
+            runs = rle.split()
+            if not image_id or not (rle == "-1" or (runs and len(runs) % 2 == 0
+                                                    and all(r.isdigit() for r in runs))):
+                rejects.append(Reject(source, f"malformed row: ImageId {image_id!r}, "
+                                              f"EncodedPixels {rle[:40]!r}"))
+                continue
+            first, positive = images.get(image_id, (source, False))
+            images[image_id] = (first, positive or rle != "-1")
+    on_disk = {p.stem: p for p in folder.rglob("*.dcm")}
+    found: _Found = []
+    for image_id, (source, positive) in images.items():
+        path = on_disk.get(image_id)
+        if path is None:
+            rejects.append(Reject(source, f"image file not found: {folder}/**/{image_id}.dcm"))
+            continue
+        # The Kaggle release nests <StudyUID>/<SeriesUID>/<ImageId>.dcm.
+        nested = len(path.relative_to(folder).parts) >= 3
+        found.append((source, Item(
+            id=_safe_id(image_id), dataset="siim-pneumothorax", image=path,
+            split=hash_split(image_id, seed), view=None, patient=image_id,
+            study=path.parent.parent.name if nested else None,
+            labels={"Pneumothorax": 1.0 if positive else 0.0}, report=None)))
+    return found, rejects
+
+
+_READERS: dict[str, _Reader] = {
+    "mimic-cxr": _mimic_reader("mimic-cxr"),
+    "chexpert": _read_chexpert,
+    "rsna-pneumonia": _read_rsna,
+    "covidx": _read_covidx,
+    "siim-pneumothorax": _read_siim,
+    "synthcxr": _mimic_reader("synthcxr"),
+}
+
+
+def read_dataset(name: str, root: str | Path, *, frontal_only: bool = True,
+                 seed: int = 0) -> tuple[list[Item], list[Reject]]:
+    """The items of dataset ``name`` stored under ``root``, and the rows that gave none.
+
+    ``frontal_only`` drops lateral images (CheXpert, MIMIC-CXR, synthcxr; the other datasets
+    are frontal only). ``seed`` drives the split of datasets that ship none (RSNA, SIIM). A
+    second item with an already used id is rejected rather than allowed to overwrite the
+    first one's cache file.
+    """
+    reader = _READERS.get(name)
+    if reader is None:
+        raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    root = Path(root).absolute()
+    if not root.is_dir():
+        raise FileNotFoundError(f"{name}: root folder {root} does not exist")
+    found, rejects = reader(root, frontal_only, seed)
+    items: list[Item] = []
+    first_source: dict[str, str] = {}
+    for source, item in found:
+        if item.id in first_source:
+            rejects.append(Reject(source, f"duplicate id {item.id} (first from {first_source[item.id]})"))
+            continue
+        first_source[item.id] = source
+        items.append(item)
+    items.sort(key=lambda it: (it.patient, it.study or "", it.id))
+    return items, rejects
