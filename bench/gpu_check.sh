@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: kernel tests on the GPU, then the loss and EMA benches, whose tables
+# The one prepared GPU check: kernel tests on the GPU, then the loss, EMA and loader benches, whose tables
 # are appended to bench/RESULTS.md. Run from the repository root on a CUDA machine that has torch,
 # triton, timm and transformers (the device machine has no package registry: nothing is fetched).
+#
+# The device machine has no pydicom (which `fastmsd prepare` needs), so the loader bench reads a
+# cache prepared here beforehand, kept out of git and carried:
+#   echo /bench/gpu-cache/ >> .git/info/exclude
+#   python -m bench.data --cache bench/gpu-cache --batches 1 --no-append   # builds it (~20 MB)
+# then run with carry: ["bench/gpu-cache"].
 #
 # Tolerances on the GPU: loss tests use "ieee" fp32 dots and hold 1e-5 relative against fp64, as
 # on the CPU; bf16 rows run real bf16 dots and are held to 2e-2; the EMA is bit-identical.
@@ -38,4 +44,5 @@ python -m bench.loss --dtype bf16 --precision tf32 --profile "$out/traces"
 python -m bench.loss --dtype fp32 --precision tf32
 python -m bench.loss --dtype fp32 --precision ieee
 python -m bench.ema
+python -m bench.data --cache bench/gpu-cache
 cp bench/RESULTS.md "$out/RESULTS.md"

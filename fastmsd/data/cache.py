@@ -9,7 +9,10 @@ import numpy as np
 import torch
 
 from fastmsd.config import ConfigError
-from fastmsd.data.prepare import MANIFEST, MARKER
+
+# File names of a cache. Reading one needs none of prepare's decoders (pydicom and codecs).
+MANIFEST, REJECTS, PROGRESS, MARKER = "manifest.jsonl", "rejects.csv", "progress.jsonl", "prepare.json"
+ZEROSHOT_LIST = "synthcxr-5x200.csv"
 
 
 class Cache:

@@ -30,13 +30,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastmsd.config import ConfigError
+from fastmsd.data.cache import MANIFEST, MARKER, PROGRESS, REJECTS, ZEROSHOT_LIST
 from fastmsd.data.datasets import DATASETS, Item, Reject, read_dataset
 from fastmsd.data.images import RejectError, read_image, resize_shorter
 from fastmsd.data.mimic import extract_sections
 
 VERSION = 1
-MANIFEST, REJECTS, PROGRESS, MARKER = "manifest.jsonl", "rejects.csv", "progress.jsonl", "prepare.json"
-ZEROSHOT_LIST = "synthcxr-5x200.csv"
 _BLANK = re.compile(r"_{2,}")
 
 

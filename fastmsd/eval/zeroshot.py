@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from fastmsd.config import ConfigError, ModelConfig
-from fastmsd.data.cache import Cache
+from fastmsd.data.cache import ZEROSHOT_LIST, Cache
 from fastmsd.data.loader import load_images, to_model_input
-from fastmsd.data.prepare import ZEROSHOT_LIST
 from fastmsd.data.text import tokenize
 from fastmsd.eval.metrics import macro_auc_ovr
 from fastmsd.model import MSDModel, Tower
