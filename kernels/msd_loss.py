@@ -44,16 +44,9 @@ def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _msd_fwd_kernel(
-    Q, QM, RING, TAU, STATS,
-    b, n_valid, cols_per_split, D,
-    HAS_TEACHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    row_block = tl.program_id(0)
-    split = tl.program_id(1)
-    n_splits = tl.num_programs(1)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
+def _load_rows(Q, QM, TAU, b, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's student and teacher rows (zeros past b and D) and 1/tau in base-2 units."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < b
     dim_ok = dims < D
@@ -61,8 +54,20 @@ def _msd_fwd_kernel(
     q_mask = row_ok[:, None] & dim_ok[None, :]
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     qm = tl.load(QM + q_offs, mask=q_mask, other=0.0)
-    inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
-    c2 = inv_tau * 1.4426950408889634  # logits in base-2 units: exp2 is the fast path
+    c2 = 1.4426950408889634 / tl.load(TAU).to(tl.float32)  # base 2: exp2 is the fast path
+    return rows, dims, row_ok, dim_ok, q_mask, q, qm, c2
+
+
+@triton.jit
+def _msd_fwd_kernel(
+    Q, QM, RING, TAU, STATS,
+    b, n_valid, cols_per_split, D,
+    HAS_TEACHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows, dims, row_ok, dim_ok, q_mask, q, qm, c2 = _load_rows(Q, QM, TAU, b, D, BLOCK_M, BLOCK_D)
 
     m_s = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_s = tl.zeros([BLOCK_M], tl.float32)
@@ -110,18 +115,8 @@ def _msd_bwd_kernel(
     HAS_TEACHER: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    row_block = tl.program_id(0)
     split = tl.program_id(1)
-    rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-    dims = tl.arange(0, BLOCK_D)
-    row_ok = rows < b
-    dim_ok = dims < D
-    q_offs = rows.to(tl.int64)[:, None] * D + dims[None, :]
-    q_mask = row_ok[:, None] & dim_ok[None, :]
-    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
-    qm = tl.load(QM + q_offs, mask=q_mask, other=0.0)
-    inv_tau = 1.0 / tl.load(TAU).to(tl.float32)
-    c2 = inv_tau * 1.4426950408889634
+    rows, dims, row_ok, dim_ok, q_mask, q, qm, c2 = _load_rows(Q, QM, TAU, b, D, BLOCK_M, BLOCK_D)
     # Base-2 log-normalisers saved by the forward (student row 0, teacher row 1).
     lse_s2 = tl.load(LSE + rows, mask=row_ok, other=0.0)
     lse_t2 = tl.load(LSE + b + rows, mask=row_ok, other=0.0)
