@@ -27,9 +27,10 @@ setup(
         "pyyaml",
         "tqdm",
         "tensorboard",
+        "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data", "open-clip-torch"],
+        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data", "open-clip-torch", "scikit-learn"],
         "dali": ["nvidia-dali-cuda120"],
     },
     entry_points={"console_scripts": ["fastmsd=fastmsd.cli:main"]},

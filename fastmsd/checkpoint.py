@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastmsd.config import ConfigError
 from fastmsd.momentum import Rings
 
 FILES = ("model.safetensors", "rings.safetensors", "trainer.pt")
@@ -86,7 +87,12 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def load_weights(path: str | Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
     """Copy a checkpoint's model weights into ``model`` in place."""
-    model.load_state_dict(load_file(Path(path) / "model.safetensors", device=str(device)))
+    try:
+        model.load_state_dict(load_file(Path(path) / "model.safetensors", device=str(device)))
+    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors: another model
+        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
+        raise ConfigError(f"checkpoint {path} does not fit this model (another preset or encoder?): "
+                          f"{detail}") from None
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, rings: Rings,

@@ -7,6 +7,7 @@ code 2; heavy imports wait until the arguments have been checked, so those error
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,7 @@ _OVERRIDES = {
     "save_every": ("train", "save_every"),
     "gpu_mem": ("train", "gpu_mem"),
     "eval_at_end": ("train", "eval_at_end"),
+    "eval_every": ("train", "eval_every"),
     "image_encoder": ("model", "image_encoder"),
     "text_encoder": ("model", "text_encoder"),
 }
@@ -90,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int)
     tr.add_argument("--image-encoder", help="timm model name")
     tr.add_argument("--text-encoder", help="transformers model name or local model folder")
+    tr.add_argument("--eval-every", type=int,
+                    help="zero-shot and retrieval every K steps, logged with the training metrics")
     tr.add_argument("--no-eval", dest="eval_at_end", action="store_false", default=None,
                     help="skip the zero-shot evaluation at the end")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -117,9 +121,13 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0, help="seed of the datasets' hashed splits")
     pr.add_argument("--no-progress", action="store_true")
 
-    ev = sub.add_parser("eval", help="zero-shot 5-class evaluation on synthcxr")
+    ev = sub.add_parser("eval", help="zero-shot, retrieval and linear-probe evaluation of a checkpoint")
     ev.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    ev.add_argument("--data", help="synthcxr folder (default: the run's training data)")
+    ev.add_argument("--task", choices=["zeroshot", "retrieval", "linear-probe", "all"], default="all")
+    ev.add_argument("--data", help="a prepared cache (default: the run's training cache)")
+    ev.add_argument("--out", help="output folder (default RUN/eval/CHECKPOINT)")
+    ev.add_argument("--seeds", default="0,1,2", help="linear-probe seeds (default 0,1,2)")
+    ev.add_argument("--prompts", help="YAML file of zero-shot prompts per class (default: built in)")
     ev.add_argument("--device", default="auto")
     return parser
 
@@ -159,6 +167,8 @@ def _train(args: argparse.Namespace) -> None:
         parse_size(args.gpu_mem)
     _positive(args, ["steps", "batch_size", "micro_batch_size", "key_chunk", "queue_size",
                      "stop_after", "log_every", "save_every", "loader_workers"])
+    if args.eval_every is not None and args.eval_every < 0:
+        raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"data folder {args.data} not found")
     cfg = _train_config(args)
@@ -191,17 +201,24 @@ def _prepare(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import json
-
-    from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
+    from fastmsd.eval.runner import TASKS, evaluate, format_markdown
+    from fastmsd.eval.zeroshot import PROMPTS, load_prompts
     from fastmsd.run import ensure_data, load_trained, resolve_device
 
+    tasks = TASKS if args.task == "all" else (args.task,)
+    try:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError:
+        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    prompts = load_prompts(args.prompts) if args.prompts else PROMPTS
     device = resolve_device(args.device)
     cfg, model, tokenizer, checkpoint = load_trained(args.run, device)
     cache = ensure_data(args.data or cfg.train.data, generate=False)
-    results = evaluate_synthcxr(model, tokenizer, cache, cfg.model, device)
-    (checkpoint / "zeroshot.json").write_text(json.dumps(results, indent=2))
-    print(f"{checkpoint}\n{format_results(results)}")
+    out = Path(args.out) if args.out else checkpoint.parent.parent / "eval" / checkpoint.name
+    evaluate(model, tokenizer, cache, cfg.model, device, out, tasks, seeds, checkpoint=str(checkpoint),
+             prompts=prompts)
+    print(f"{checkpoint} on {cache.root}\n{format_markdown(json.loads((out / 'results.json').read_text()))}")
+    print(f"results, plots and the 5x200 list in {out}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -69,6 +69,7 @@ class TrainConfig:
     keep_last: int = 2
     gpu_mem: str | None = None
     eval_at_end: bool = True
+    eval_every: int = 0  # zero-shot + retrieval every K steps (0: only at the end)
 
 
 @dataclass

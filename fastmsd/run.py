@@ -160,6 +160,23 @@ def build_loader(cfg: Config, paths: list[Path], device: torch.device):
     return dali.DaliImages(*args, batch_size=cfg.train.batch_size, num_threads=cfg.train.loader_workers)
 
 
+def periodic_eval(engine: Engine, tokenizer, cache: Cache, cfg: Config, run_dir: Path) -> dict:
+    """``--eval-every``: zero-shot and retrieval of the student so far, as scalars to log."""
+    from fastmsd.eval.runner import evaluate
+
+    r = evaluate(engine.model, tokenizer, cache, cfg.model, engine.device,
+                 run_dir / "eval" / f"step_{engine.step:08d}", tasks=("zeroshot", "retrieval"))
+    z, ret = r["zeroshot"], r["retrieval"]
+    return {
+        "eval/zeroshot_macro_auc": z["macro_auc"],
+        "eval/zeroshot_accuracy": z["accuracy"],
+        "eval/i2t_precision@5": ret["5x200"]["image_to_text_precision"][5],
+        "eval/t2i_precision@5": ret["5x200"]["text_to_image_precision"][5],
+        "eval/i2t_recall@10": ret["paired_test"]["image_to_text_recall"][10],
+        "eval/t2i_recall@10": ret["paired_test"]["text_to_image_recall"][10],
+    }
+
+
 def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = None,
           generate_data: bool = False, progress: bool = True) -> Path:
     """Train (or resume) a run and return its folder.
@@ -181,6 +198,10 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
             print(f"note: --gpu-mem {cfg.train.gpu_mem} has no effect on {device}")
     cache = ensure_data(cfg.train.data, generate_data)
     train_idx = cache.indices("train")
+    if cfg.train.eval_every:
+        from fastmsd.eval.zeroshot import load_zeroshot_set
+
+        load_zeroshot_set(cache)  # fail now, not after hours of training
     if run_dir is None:
         run_dir = new_run_dir(cfg)
     else:
@@ -233,6 +254,8 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
                                 mem=format_size(metrics["memory_bytes"]))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
+            if t.eval_every and engine.step % t.eval_every == 0:
+                logger.log(engine.step, periodic_eval(engine, tokenizer, cache, cfg, run_dir))
             if engine.step % t.save_every == 0 or engine.step == last:
                 save_checkpoint(run_dir, engine.step, engine.model, engine.rings,
                                 {**engine.state_dict(), "data": stream.state_dict()}, t.keep_last)
@@ -240,11 +263,15 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
         bar.close()
         logger.close()
     if t.eval_at_end and engine.step == t.steps:
+        from fastmsd.data.cache import ZEROSHOT_LIST
         from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
 
-        results = evaluate_synthcxr(engine.model, tokenizer, cache, cfg.model, device)
-        (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
-        print(format_results(results))
+        if (cache.root / ZEROSHOT_LIST).is_file():
+            results = evaluate_synthcxr(engine.model, tokenizer, cache, cfg.model, device)
+            (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
+            print(format_results(results))
+        else:
+            print(f"{cache.root} has no 5x200 list: evaluate with `fastmsd eval {run_dir} --data CACHE`")
     return run_dir
 
 

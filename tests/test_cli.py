@@ -79,7 +79,7 @@ def test_train_resume_eval_end_to_end(tmp_path, synth_cache):
     assert any((run / "tb").iterdir())
     r = run_cli("eval", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "zero-shot 5-class accuracy" in r.stdout
+    assert "### Zero-shot, 5x200" in r.stdout and "### Linear probe" in r.stdout
 
 
 def test_synth_with_preview(tmp_path):

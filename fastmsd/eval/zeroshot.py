@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+import yaml
 
 from fastmsd.config import ConfigError, ModelConfig
 from fastmsd.data.cache import ZEROSHOT_LIST, Cache
-from fastmsd.data.loader import load_images, to_model_input
-from fastmsd.data.text import tokenize
+from fastmsd.eval.embed import image_embeddings, text_embeddings
 from fastmsd.eval.metrics import macro_auc_ovr
 from fastmsd.model import MSDModel, Tower
 
@@ -39,8 +40,8 @@ PROMPTS: dict[str, list[str]] = {
 CLASSES = tuple(PROMPTS)
 
 
-def load_zeroshot_set(cache: Cache) -> tuple[list[Path], np.ndarray]:
-    """Image paths and class indices of the 5x200 list that a prepared synthcxr cache carries."""
+def load_zeroshot_set(cache: Cache) -> tuple[list[int], np.ndarray]:
+    """Cache row indices and class indices of the 5x200 list that a synthcxr cache carries."""
     listing = cache.root / ZEROSHOT_LIST
     if not listing.is_file():
         raise ConfigError(f"{cache.root} has no zero-shot test list {ZEROSHOT_LIST} (a synthcxr cache has)")
@@ -54,39 +55,47 @@ def load_zeroshot_set(cache: Cache) -> tuple[list[Path], np.ndarray]:
     if missing:
         raise ConfigError(f"{len(missing)} zero-shot images are not in the cache (e.g. {missing[0]}); "
                           "see its rejects.csv")
-    paths = cache.image_paths([index[r["dicom_id"]] for r in rows])
-    return paths, np.array([CLASSES.index(r["label"]) for r in rows])
+    return [index[r["dicom_id"]] for r in rows], np.array([CLASSES.index(r["label"]) for r in rows])
 
 
-@torch.no_grad()
-def class_embeddings(tower: Tower, tokenizer, max_len: int, device: torch.device) -> torch.Tensor:
+def load_prompts(path: str | Path) -> dict[str, list[str]]:
+    """A prompt file: YAML mapping each of the five classes to a list of prompts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"prompt file {path} not found")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"prompt file {path} must map class names to lists of prompts")
+    unknown = sorted(set(data) - set(CLASSES))
+    if unknown:
+        raise ConfigError(f"prompt file {path} names unknown class {unknown[0]!r} "
+                          f"(known: {', '.join(CLASSES)})")
+    missing = [c for c in CLASSES if not data.get(c)]
+    if missing:
+        raise ConfigError(f"prompt file {path} has no prompts for {', '.join(missing)}")
+    bad = [c for c in CLASSES if not all(isinstance(p, str) and p.strip() for p in data[c])]
+    if bad:
+        raise ConfigError(f"prompt file {path}: the prompts of {bad[0]!r} must be non-empty strings")
+    return {c: list(data[c]) for c in CLASSES}
+
+
+def class_embeddings(tower: Tower, tokenizer, cfg: ModelConfig, device: torch.device,
+                     prompts: dict[str, list[str]] = PROMPTS) -> torch.Tensor:
     """[C, D]: the normalised mean of each class's normalised prompt embeddings."""
-    out = []
-    for name in CLASSES:
-        ids, mask = tokenize(tokenizer, PROMPTS[name], max_len)
-        emb = tower.encode_text(ids.long().to(device), mask.to(device))
-        out.append(torch.nn.functional.normalize(emb.float().mean(0), dim=0))
-    return torch.stack(out)
+    means = [text_embeddings(tower, tokenizer, prompts[name], cfg, device).mean(0) for name in CLASSES]
+    return F.normalize(torch.stack(means), dim=1)
 
 
-@torch.no_grad()
-def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, cfg: ModelConfig,
-             tau: float, device: torch.device, batch_size: int = 256) -> dict:
-    """Accuracy and one-vs-rest macro AUC of prompt-similarity classification."""
-    was_training = tower.training
-    tower.eval()
-    try:
-        classes = class_embeddings(tower, tokenizer, cfg.max_len, device)
-        scores = []
-        for start in range(0, len(images), batch_size):
-            x = to_model_input(images[start : start + batch_size], cfg.in_chans).to(device)
-            scores.append((tower.encode_image(x).float() @ classes.T).cpu())
-    finally:
-        tower.train(was_training)
-    # One-vs-rest AUC needs scores comparable across images: class probabilities (a softmax
-    # over the prompts at the model's temperature, as scikit-learn's multi-class AUC requires),
-    # not raw similarities, whose per-image offset would rank images rather than classes.
-    probs = (torch.cat(scores) / tau).softmax(dim=1).numpy()
+def class_probabilities(image_emb: torch.Tensor, class_emb: torch.Tensor, tau: float) -> np.ndarray:
+    """[n, C] class probabilities: a softmax over the prompts at the model's temperature.
+
+    One-vs-rest AUC needs scores comparable across images, as scikit-learn's multi-class AUC
+    requires probabilities; raw similarities carry a per-image offset that ranks images rather
+    than classes."""
+    return (image_emb @ class_emb.T / tau).softmax(dim=1).numpy()
+
+
+def zeroshot_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     macro, per_class = macro_auc_ovr(probs, labels)
     return {
         "accuracy": float((probs.argmax(1) == labels).mean()),
@@ -99,9 +108,10 @@ def zeroshot(tower: Tower, tokenizer, images: torch.Tensor, labels: np.ndarray, 
 def evaluate_synthcxr(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig,
                       device: torch.device) -> dict:
     """Zero-shot results of the student tower on the 5x200 list of a synthcxr cache."""
-    paths, labels = load_zeroshot_set(cache)
-    return zeroshot(model.student, tokenizer, load_images(paths, cfg.image_size, "eval images"), labels,
-                    cfg, model.tau.item(), device)
+    indices, labels = load_zeroshot_set(cache)
+    image_emb = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
+    class_emb = class_embeddings(model.student, tokenizer, cfg, device)
+    return zeroshot_metrics(class_probabilities(image_emb, class_emb, model.tau.item()), labels)
 
 
 def format_results(results: dict) -> str:

@@ -1,0 +1,103 @@
+"""`fastmsd eval`: outputs, and one-line errors for bad input."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import micro_config
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, synth_cache):
+    from fastmsd.run import train
+
+    cfg = micro_config(steps=2, batch_size=32, micro_batch_size=16, queue_size=64)
+    runs = tmp_path_factory.mktemp("runs")
+    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(runs), "micro"
+    return train(cfg, progress=False)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fastmsd", *args], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def one_line_error(result, *needles):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_eval_writes_results_tables_and_plots(micro_run, tmp_path):
+    r = run_cli("eval", str(micro_run), "--task", "all", "--seeds", "0", "--out", str(tmp_path / "ev"),
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert {"zeroshot", "retrieval", "linear_probe"} <= results.keys()
+    assert set(results["linear_probe"]) == {"1%", "10%", "100%"}
+    assert "### Retrieval" in r.stdout and "Precision" in (tmp_path / "ev" / "results.md").read_text()
+    listed = (tmp_path / "ev" / "5x200.csv").read_text().splitlines()
+    assert listed[0] == "id,label" and len(listed) == 1 + 5 * 40
+
+
+def test_prompt_file_with_unknown_class(micro_run, tmp_path):
+    prompts = {"atelectasis": ["a"], "cardiomegaly": ["b"], "consolidation": ["c"], "edema": ["d"],
+               "pleural_effusion": ["e"], "pneumothorax": ["f"]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(prompts))
+    r = run_cli("eval", str(micro_run), "--task", "zeroshot", "--prompts", str(tmp_path / "p.yaml"),
+                cwd=tmp_path)
+    one_line_error(r, "unknown class 'pneumothorax'")
+
+
+def test_checkpoint_from_another_model(micro_run, tmp_path):
+    from fastmsd.config import load_yaml, save_yaml
+
+    other = tmp_path / "other"
+    shutil.copytree(micro_run, other)
+    cfg = load_yaml(other / "config.yaml")
+    cfg.model.embed_dim = 32  # the saved weights project to 16
+    save_yaml(cfg, other / "config.yaml")
+    one_line_error(run_cli("eval", str(other), cwd=tmp_path), "does not fit this model")
+
+
+def test_cache_without_needed_labels_or_split(micro_run, synth_cache, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(synth_cache, cache)
+    (cache / "synthcxr-5x200.csv").unlink()
+    one_line_error(run_cli("eval", str(micro_run), "--task", "zeroshot", "--data", str(cache), cwd=tmp_path),
+                   "no zero-shot test list")
+    rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["labels"] = {k: None for k in row["labels"]}
+    (cache / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(cache),
+                           cwd=tmp_path), "no items labelled")
+
+    empty = tmp_path / "empty-test"
+    shutil.copytree(synth_cache, empty)
+    rows = [json.loads(line) for line in (empty / "manifest.jsonl").read_text().splitlines()]
+    for row in rows:
+        row["split"] = "train"
+    (empty / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(empty),
+                           cwd=tmp_path), "no items in split 'test'")
+    one_line_error(run_cli("eval", str(micro_run), "--seeds", "x", cwd=tmp_path), "--seeds")
+
+
+def test_eval_every_logs_with_the_training_metrics(synth_cache, tmp_path):
+    from fastmsd.run import train
+
+    cfg = micro_config(steps=2, batch_size=32, micro_batch_size=16, queue_size=64, eval_every=2)
+    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(tmp_path), "periodic"
+    run = train(cfg, progress=False)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "eval/zeroshot_macro_auc" in row]
+    assert [row["step"] for row in evals] == [2]
+    assert 0.0 <= evals[0]["eval/i2t_recall@10"] <= 1.0
+    assert (run / "eval" / "step_00000002" / "results.json").is_file()
