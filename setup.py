@@ -9,6 +9,7 @@ setup(
     # kernels/ lives at the top of the repo but imports as fastmsd.kernels: a top-level
     # package named `kernels` would collide with another project's.
     package_dir={"fastmsd.kernels": "kernels"},
+    package_data={"fastmsd.eval": ["prompts.yaml"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "torchvision",

@@ -127,7 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", help="a prepared cache (default: the run's training cache)")
     ev.add_argument("--out", help="output folder (default RUN/eval/CHECKPOINT)")
     ev.add_argument("--seeds", default="0,1,2", help="linear-probe seeds (default 0,1,2)")
-    ev.add_argument("--prompts", help="YAML file of zero-shot prompts per class (default: built in)")
+    ev.add_argument("--prompts", help="YAML file of zero-shot prompts (default: fastmsd/eval/prompts.yaml)")
     ev.add_argument("--device", default="auto")
     return parser
 
@@ -202,7 +202,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     from fastmsd.eval.runner import TASKS, evaluate, format_markdown
-    from fastmsd.eval.zeroshot import PROMPTS, load_prompts
+    from fastmsd.eval.zeroshot import DEFAULT_PROMPTS, load_prompts
     from fastmsd.run import ensure_data, load_trained, resolve_device
 
     tasks = TASKS if args.task == "all" else (args.task,)
@@ -210,7 +210,7 @@ def _eval(args: argparse.Namespace) -> None:
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError:
         raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
-    prompts = load_prompts(args.prompts) if args.prompts else PROMPTS
+    prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     device = resolve_device(args.device)
     cfg, model, tokenizer, checkpoint = load_trained(args.run, device)
     cache = ensure_data(args.data or cfg.train.data, generate=False)

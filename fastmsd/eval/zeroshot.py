@@ -1,8 +1,10 @@
-"""Zero-shot 5-class classification on the synthcxr 5x200 test set (image-prompt similarity)."""
+"""Zero-shot classification by image-prompt similarity: the 5x200 set, binary tasks, prompts."""
 
 from __future__ import annotations
 
 import csv
+import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,35 +18,52 @@ from fastmsd.eval.embed import image_embeddings, text_embeddings
 from fastmsd.eval.metrics import macro_auc_ovr
 from fastmsd.model import MSDModel, Tower
 
-# Several phrasings per class, averaged in embedding space. As in GLoRIA's CheXpert 5x200
-# prompts, they are positive statements with severity and location, written the way report
-# impressions are: a bare class name reads like the negation lists of normal reports
-# ("no pleural effusion or focal consolidation") as much as like a finding.
-PROMPTS: dict[str, list[str]] = {
-    "atelectasis": ["Bibasilar atelectasis.", "Right basilar atelectasis.", "Left basilar atelectasis.",
-                    "Plate-like atelectasis at the bases.", "Bibasilar collapse.",
-                    "There is bibasilar subsegmental atelectasis."],
-    "cardiomegaly": ["Cardiomegaly.", "Moderate cardiomegaly.", "The heart is moderately enlarged.",
-                     "Enlarged cardiac silhouette.", "There is severe cardiomegaly."],
-    "consolidation": ["Right lower lobe consolidation.", "Left lower lobe consolidation.",
-                      "Consolidation in the right upper lobe.",
-                      "There is dense consolidation in the left lower lobe.",
-                      "Airspace consolidation in the right lower lobe, concerning for pneumonia."],
-    "edema": ["Moderate pulmonary edema.", "Pulmonary vascular congestion.",
-              "There is moderate pulmonary edema.", "Findings consistent with moderate fluid overload.",
-              "Perihilar haziness consistent with interstitial edema."],
-    "pleural_effusion": ["Moderate right pleural effusion.", "Moderate left pleural effusion.",
-                         "There are moderate bilateral pleural effusions.",
-                         "There is a moderate right pleural effusion.", "Small left pleural effusion."],
-}
-CLASSES = tuple(PROMPTS)
+CLASSES = ("atelectasis", "cardiomegaly", "consolidation", "edema", "pleural_effusion")
+DEFAULT_PROMPTS_FILE = Path(__file__).with_name("prompts.yaml")
 
 
-def load_zeroshot_set(cache: Cache) -> tuple[list[int], np.ndarray]:
-    """Cache row indices and class indices of the 5x200 list that a synthcxr cache carries."""
+@dataclass(frozen=True)
+class Prompts:
+    """Prompt sets: per class of the 5x200 task, and positive / negative per binary task."""
+
+    classes: dict[str, list[str]]
+    binary: dict[str, dict[str, list[str]]]
+
+
+# The five classes' CheXpert-style label columns (MIMIC-CXR, CheXpert and synthcxr caches).
+LABEL_COLUMNS = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly",
+                 "consolidation": "Consolidation", "edema": "Edema", "pleural_effusion": "Pleural Effusion"}
+PER_CLASS = 200
+
+
+def build_5x200(cache: Cache, seed: int = 0, per_class: int = PER_CLASS) -> tuple[list[int], np.ndarray]:
+    """The 5x200 rule for caches that ship no list: in the first of the test, validate and train
+    splits that holds ``per_class`` images of every class, the images positive for exactly one
+    of the five classes (labels after the cache's policy) and negative for the other four,
+    ordered by sha256(f"{seed}:{id}"), the first ``per_class`` of each class. (GLoRIA drew
+    CheXpert 5x200 from the training split, which has the only large labelled set.)"""
+    for split in ("test", "validate", "train"):
+        chosen: dict[int, list[tuple[str, int]]] = {c: [] for c in range(len(CLASSES))}
+        for i, row in enumerate(cache.rows):
+            if row["split"] != split:
+                continue
+            values = [row["labels"].get(LABEL_COLUMNS[c]) for c in CLASSES]
+            if sorted(values) == [0.0, 0.0, 0.0, 0.0, 1.0]:
+                key = hashlib.sha256(f"{seed}:{row['id']}".encode()).hexdigest()
+                chosen[values.index(1.0)].append((key, i))
+        if all(len(v) >= per_class for v in chosen.values()):
+            pairs = [(i, c) for c in range(len(CLASSES)) for _, i in sorted(chosen[c])[:per_class]]
+            return [i for i, _ in pairs], np.array([c for _, c in pairs])
+    raise ConfigError(f"cache {cache.root} has no split with {per_class} single-finding images of each of "
+                      f"{', '.join(LABEL_COLUMNS.values())}: it cannot make a 5x{per_class} set")
+
+
+def load_zeroshot_set(cache: Cache, seed: int = 0) -> tuple[list[int], np.ndarray]:
+    """Cache row indices and class indices of the 5x200 set: the list a synthcxr cache carries,
+    else one built by ``build_5x200``."""
     listing = cache.root / ZEROSHOT_LIST
     if not listing.is_file():
-        raise ConfigError(f"{cache.root} has no zero-shot test list {ZEROSHOT_LIST} (a synthcxr cache has)")
+        return build_5x200(cache, seed)
     index = {row["id"]: i for i, row in enumerate(cache.rows)}
     with listing.open(newline="") as f:
         rows = list(csv.DictReader(f))
@@ -58,31 +77,44 @@ def load_zeroshot_set(cache: Cache) -> tuple[list[int], np.ndarray]:
     return [index[r["dicom_id"]] for r in rows], np.array([CLASSES.index(r["label"]) for r in rows])
 
 
-def load_prompts(path: str | Path) -> dict[str, list[str]]:
-    """A prompt file: YAML mapping each of the five classes to a list of prompts."""
+def _prompt_list(path: Path, where: str, value: object) -> list[str]:
+    if not isinstance(value, list) or not value or not all(isinstance(p, str) and p.strip() for p in value):
+        raise ConfigError(f"prompt file {path}: {where} needs a non-empty list of non-empty strings")
+    return list(value)
+
+
+def load_prompts(path: str | Path = DEFAULT_PROMPTS_FILE) -> Prompts:
+    """A prompt file (see prompts.yaml): ``classes`` maps exactly the five 5x200 classes to
+    prompts; ``binary`` maps a binary task's label to its positive and negative prompts."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"prompt file {path} not found")
     data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"prompt file {path} must map class names to lists of prompts")
-    unknown = sorted(set(data) - set(CLASSES))
+    classes, binary = data.get("classes") or {}, data.get("binary") or {}
+    if not isinstance(classes, dict) or not isinstance(binary, dict) or set(data) - {"classes", "binary"}:
+        raise ConfigError(f"prompt file {path} must hold a `classes` and a `binary` mapping only")
+    unknown = sorted(set(classes) - set(CLASSES))
     if unknown:
         raise ConfigError(f"prompt file {path} names unknown class {unknown[0]!r} "
                           f"(known: {', '.join(CLASSES)})")
-    missing = [c for c in CLASSES if not data.get(c)]
+    missing = [c for c in CLASSES if c not in classes]
     if missing:
         raise ConfigError(f"prompt file {path} has no prompts for {', '.join(missing)}")
-    bad = [c for c in CLASSES if not all(isinstance(p, str) and p.strip() for p in data[c])]
-    if bad:
-        raise ConfigError(f"prompt file {path}: the prompts of {bad[0]!r} must be non-empty strings")
-    return {c: list(data[c]) for c in CLASSES}
+    for task, sides in binary.items():
+        if not isinstance(sides, dict) or set(sides) != {"positive", "negative"}:
+            raise ConfigError(f"prompt file {path}: binary task {task!r} needs `positive` and `negative`")
+    return Prompts({c: _prompt_list(path, c, classes[c]) for c in CLASSES},
+                   {task: {side: _prompt_list(path, f"{task}/{side}", sides[side]) for side in sides}
+                    for task, sides in binary.items()})
 
 
-def class_embeddings(tower: Tower, tokenizer, cfg: ModelConfig, device: torch.device,
-                     prompts: dict[str, list[str]] = PROMPTS) -> torch.Tensor:
-    """[C, D]: the normalised mean of each class's normalised prompt embeddings."""
-    means = [text_embeddings(tower, tokenizer, prompts[name], cfg, device).mean(0) for name in CLASSES]
+DEFAULT_PROMPTS = load_prompts()
+
+
+def prompt_embeddings(tower: Tower, tokenizer, cfg: ModelConfig, device: torch.device,
+                      prompt_sets: list[list[str]]) -> torch.Tensor:
+    """[C, D]: the normalised mean of each set's normalised prompt embeddings."""
+    means = [text_embeddings(tower, tokenizer, prompts, cfg, device).mean(0) for prompts in prompt_sets]
     return F.normalize(torch.stack(means), dim=1)
 
 
@@ -110,7 +142,8 @@ def evaluate_synthcxr(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig
     """Zero-shot results of the student tower on the 5x200 list of a synthcxr cache."""
     indices, labels = load_zeroshot_set(cache)
     image_emb = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
-    class_emb = class_embeddings(model.student, tokenizer, cfg, device)
+    class_emb = prompt_embeddings(model.student, tokenizer, cfg, device,
+                                  [DEFAULT_PROMPTS.classes[c] for c in CLASSES])
     return zeroshot_metrics(class_probabilities(image_emb, class_emb, model.tau.item()), labels)
 
 
@@ -120,3 +153,23 @@ def format_results(results: dict) -> str:
     lines.append(f"| **macro** | **{results['macro_auc']:.3f}** |")
     lines.append(f"\nzero-shot 5-class accuracy {results['accuracy']:.3f} on {results['n']} images")
     return "\n".join(lines)
+
+
+def binary_task(cache: Cache, prompts: Prompts = DEFAULT_PROMPTS) -> str | None:
+    """The binary task of a cache whose items carry one label that has binary prompts
+    (RSNA Pneumonia, SIIM-ACR Pneumothorax, COVIDx), else None."""
+    keys = {key for row in cache.rows for key in row["labels"]}
+    return next(iter(keys)) if len(keys) == 1 and keys <= prompts.binary.keys() else None
+
+
+def binary_scores(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device: torch.device,
+                  task: str, split: str, prompts: Prompts) -> tuple[np.ndarray, np.ndarray]:
+    """P(positive prompts) per image of ``split`` with a known label, and the labels."""
+    indices = [i for i in cache.indices(split) if cache.rows[i]["labels"].get(task) is not None]
+    if not indices:
+        raise ConfigError(f"cache {cache.root} has no {task} labels in split {split!r}")
+    sides = prompts.binary[task]
+    text = prompt_embeddings(model.student, tokenizer, cfg, device, [sides["positive"], sides["negative"]])
+    image = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
+    probs = class_probabilities(image, text, model.tau.item())
+    return probs[:, 0], np.array([cache.rows[i]["labels"][task] == 1.0 for i in indices])
