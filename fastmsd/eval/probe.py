@@ -71,7 +71,7 @@ def sample_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None
 
 
 def fit_logistic(x: torch.Tensor | np.ndarray, y: torch.Tensor | np.ndarray, *, multilabel: bool,
-                 l2: float = 1e-3, max_iter: int = 500,
+                 l2: float = 1e-3, max_iter: int = 2000,
                  n_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-regularised logistic regression; returns ``(weight [d, c], bias [c])`` in float64 for raw features.
 
