@@ -59,6 +59,17 @@ def _load_rows(Q, QM, TAU, b, D, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
+def _load_tile(RING, col0, end, D, dims, dim_ok, BLOCK_N: tl.constexpr):
+    """Ring rows col0 .. col0 + BLOCK_N (those below ``end``) and which of them are valid."""
+    cols = col0 + tl.arange(0, BLOCK_N)
+    col_ok = cols < end
+    # Never-written ring slots may hold anything: masked loads read zeros, never NaN.
+    k = tl.load(RING + cols.to(tl.int64)[:, None] * D + dims[None, :],
+                mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+    return k, col_ok
+
+
+@triton.jit
 def _msd_fwd_kernel(
     Q, QM, RING, TAU, STATS,
     b, n_valid, cols_per_split, D,
@@ -77,11 +88,7 @@ def _msd_fwd_kernel(
     start = split * cols_per_split
     end = tl.minimum(start + cols_per_split, n_valid)
     for col0 in range(start, end, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        # Never-written ring slots may hold anything: masked loads read zeros, never NaN.
-        k = tl.load(RING + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        k, col_ok = _load_tile(RING, col0, end, D, dims, dim_ok, BLOCK_N)
         kt = tl.trans(k)
         s2 = _dot(q, kt, PRECISION, UPCAST) * c2
         s2 = tl.where(col_ok[None, :], s2, float("-inf"))
@@ -126,10 +133,7 @@ def _msd_bwd_kernel(
     start = split * cols_per_split
     end = tl.minimum(start + cols_per_split, n_valid)
     for col0 in range(start, end, BLOCK_N):
-        cols = col0 + tl.arange(0, BLOCK_N)
-        col_ok = cols < end
-        k = tl.load(RING + cols.to(tl.int64)[:, None] * D + dims[None, :],
-                    mask=col_ok[:, None] & dim_ok[None, :], other=0.0)
+        k, col_ok = _load_tile(RING, col0, end, D, dims, dim_ok, BLOCK_N)
         kt = tl.trans(k)
         s2 = _dot(q, kt, PRECISION, UPCAST) * c2
         g = tl.exp2(s2 - lse_s2[:, None])
