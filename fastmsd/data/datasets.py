@@ -277,24 +277,46 @@ def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, l
 
 # --------------------------------------------------------------------------- RSNA Pneumonia
 
-def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    name = "stage_2_train_labels.csv"
-    images = _require(root / "stage_2_train_images", "rsna-pneumonia")
+_Positives = dict[str, tuple[str, bool]]
+
+
+def _positives_by_id(path: Path, id_column: str, value_column: str,
+                     positive: Callable[[str], bool | None]) -> tuple[_Positives, list[Reject]]:
+    """Rows of a label CSV with several rows per image (one per box or mask), folded into
+    id -> (first row's source, any row positive). A row whose value ``positive`` cannot read
+    (None) is rejected."""
+    found: _Positives = {}
     rejects: list[Reject] = []
-    # patientId -> (first row's source, any box); one row per box, so a patient may repeat.
-    patients: dict[str, tuple[str, bool]] = {}
-    with _open_csv(_require(root / name, "rsna-pneumonia"), ("patientId", "Target")) as reader:
+    with _open_csv(path, (id_column, value_column)) as reader:
         for row in reader:
-            source = f"{name}:{reader.line_num}"
+            source = f"{path.name}:{reader.line_num}"
             if _ragged(row):
                 rejects.append(Reject(source, _RAGGED))
                 continue
-            pid, target = row["patientId"].strip(), row["Target"].strip()
-            if not pid or target not in ("0", "1"):
-                rejects.append(Reject(source, f"malformed row: patientId {pid!r}, Target {target!r}"))
+            key, value = row[id_column].strip(), row[value_column].strip()
+            is_positive = positive(value) if key else None
+            if is_positive is None:
+                rejects.append(Reject(source, f"malformed row: {id_column} {key!r}, "
+                                              f"{value_column} {value[:40]!r}"))
                 continue
-            first, positive = patients.get(pid, (source, False))
-            patients[pid] = (first, positive or target == "1")
+            first, any_positive = found.get(key, (source, False))
+            found[key] = (first, any_positive or is_positive)
+    return found, rejects
+
+
+def _rle_positive(rle: str) -> bool | None:
+    """SIIM's EncodedPixels: -1 for no pneumothorax, else (start, length) pairs of a mask."""
+    if rle == "-1":
+        return False
+    runs = rle.split()
+    return True if runs and len(runs) % 2 == 0 and all(r.isdigit() for r in runs) else None
+
+
+def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
+    images = _require(root / "stage_2_train_images", "rsna-pneumonia")
+    # One row per box, so a patient may repeat.
+    patients, rejects = _positives_by_id(_require(root / "stage_2_train_labels.csv", "rsna-pneumonia"),
+                                         "patientId", "Target", {"0": False, "1": True}.get)
     found: _Found = []
     for pid, (source, positive) in patients.items():
         _keep_if_present(source, Item(
@@ -342,26 +364,10 @@ def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, lis
 # --------------------------------------------------------------------------- SIIM-ACR Pneumothorax
 
 def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    name = "train-rle.csv"
     folder = _require(root / "dicom-images-train", "siim-pneumothorax")
-    rejects: list[Reject] = []
-    # ImageId -> (first row's source, any mask); an image with several masks has several rows.
-    images: dict[str, tuple[str, bool]] = {}
-    with _open_csv(_require(root / name, "siim-pneumothorax"), ("ImageId", "EncodedPixels")) as reader:
-        for row in reader:
-            source = f"{name}:{reader.line_num}"
-            if _ragged(row):
-                rejects.append(Reject(source, _RAGGED))
-                continue
-            image_id, rle = row["ImageId"].strip(), row["EncodedPixels"].strip()
-            runs = rle.split()
-            if not image_id or not (rle == "-1" or (runs and len(runs) % 2 == 0
-                                                    and all(r.isdigit() for r in runs))):
-                rejects.append(Reject(source, f"malformed row: ImageId {image_id!r}, "
-                                              f"EncodedPixels {rle[:40]!r}"))
-                continue
-            first, positive = images.get(image_id, (source, False))
-            images[image_id] = (first, positive or rle != "-1")
+    # An image with several masks has several rows.
+    images, rejects = _positives_by_id(_require(root / "train-rle.csv", "siim-pneumothorax"),
+                                       "ImageId", "EncodedPixels", _rle_positive)
     on_disk = {p.stem: p for p in folder.rglob("*.dcm")}
     found: _Found = []
     for image_id, (source, positive) in images.items():
