@@ -164,7 +164,7 @@ def _block_d(dim: int) -> int:
 
 
 def _launch_shape(b: int, n_valid: int, device: torch.device, block_m: int, block_n: int,
-                  splits: int | None) -> tuple[int, int, int]:
+                  splits: int | None, max_splits: int | None = None) -> tuple[int, int, int]:
     """(row blocks, column splits, columns per split, a multiple of block_n)."""
     row_blocks = triton.cdiv(b, block_m)
     tiles = triton.cdiv(n_valid, block_n)
@@ -172,8 +172,14 @@ def _launch_shape(b: int, n_valid: int, device: torch.device, block_m: int, bloc
         # About four programs per SM over both directions' launches; one split on the CPU.
         sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
         splits = max(1, min(tiles, triton.cdiv(2 * sms, row_blocks)))
-    splits = max(1, splits)
+    splits = max(1, splits if max_splits is None else min(splits, max_splits))
     return row_blocks, splits, triton.cdiv(tiles, splits) * block_n
+
+
+def _meta(alpha: float, precision: str, block_m: int, block_n: int, dim: int) -> dict:
+    """The compile-time arguments both kernels share."""
+    return dict(HAS_TEACHER=alpha > 0, PRECISION=precision, UPCAST=interpreting(),
+                BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(dim))
 
 
 def _validate(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, alpha, divisor, precision):
@@ -227,8 +233,7 @@ class _MSDLoss(torch.autograd.Function):
         b, dim = img.shape
         device = img.device
         row_blocks, n_splits, cols = _launch_shape(b, n_valid, device, block_m, block_n, splits)
-        meta = dict(HAS_TEACHER=alpha > 0, PRECISION=precision, UPCAST=interpreting(),
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(dim))
+        meta = _meta(alpha, precision, block_m, block_n, dim)
         tau_f = tau.detach().reshape(()).float()
         rows = [(img, img_m, ring_txt), (txt, txt_m, ring_img)]  # image->text, text->image
         losses, lses = [], []
@@ -263,11 +268,9 @@ class _MSDLoss(torch.autograd.Function):
         n_valid, alpha, divisor, precision, block_m, block_n, splits = ctx.args
         b, dim = img.shape
         device = img.device
-        row_blocks, n_splits, cols = _launch_shape(b, n_valid, device, block_m, block_n, splits)
-        n_splits = min(n_splits, max(1, _DQ_PARTIAL_BUDGET // (b * dim * 4)))
-        cols = triton.cdiv(triton.cdiv(n_valid, block_n), n_splits) * block_n
-        meta = dict(HAS_TEACHER=alpha > 0, PRECISION=precision, UPCAST=interpreting(),
-                    BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_block_d(dim))
+        row_blocks, n_splits, cols = _launch_shape(b, n_valid, device, block_m, block_n, splits,
+                                                   max_splits=max(1, _DQ_PARTIAL_BUDGET // (b * dim * 4)))
+        meta = _meta(alpha, precision, block_m, block_n, dim)
         # dL/ds_ij = (p_ij - y_ij) / N, halved by the mean over the two directions.
         scale = grad_out / (2 * divisor * tau)
         grads, dtau = [], torch.zeros((), device=device, dtype=torch.float32)
