@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,9 +31,8 @@ from fastmsd.eval.zeroshot import (
     Prompts,
     binary_scores,
     binary_task,
-    class_probabilities,
+    class_probabilities_of,
     load_zeroshot_set,
-    prompt_embeddings,
 )
 from fastmsd.model import MSDModel
 
@@ -52,16 +52,25 @@ def _binary_zeroshot(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig,
             **metrics.binary_metrics(scores, positive, threshold)}
 
 
-def _zeroshot(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device, out: Path,
-              prompts: Prompts) -> dict:
-    task = binary_task(cache, prompts)
-    if task is not None:
-        return _binary_zeroshot(model, tokenizer, cache, cfg, device, out, task, prompts)
+@dataclass(frozen=True)
+class _Set5x200:
+    """The 5x200 items and their image embeddings, shared by zero-shot and retrieval."""
+
+    indices: list[int]
+    labels: np.ndarray
+    image_emb: torch.Tensor
+
+
+def _set_5x200(model: MSDModel, cache: Cache, cfg: ModelConfig, device) -> _Set5x200:
     indices, labels = load_zeroshot_set(cache)
     image_emb = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
-    class_emb = prompt_embeddings(model.student, tokenizer, cfg, device,
-                                  [prompts.classes[c] for c in CLASSES])
-    probs = class_probabilities(image_emb, class_emb, model.tau.item())
+    return _Set5x200(indices, labels, image_emb)
+
+
+def _zeroshot(model: MSDModel, tokenizer, cfg: ModelConfig, device, out: Path, five: _Set5x200,
+              prompts: Prompts) -> dict:
+    probs = class_probabilities_of(model, tokenizer, cfg, device, five.image_emb, prompts)
+    labels = five.labels
     pred = probs.argmax(1)
     macro_auc, per_class_auc = metrics.macro_auc_ovr(probs, labels)
     cm = metrics.confusion_matrix(pred, labels, len(CLASSES))
@@ -78,11 +87,10 @@ def _zeroshot(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device
     }
 
 
-def _retrieval(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device) -> dict:
-    indices, labels = load_zeroshot_set(cache)
-    img = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
-    txt = text_embeddings(model.student, tokenizer, cache.texts(indices), cfg, device)
-    sim = (img @ txt.T).numpy()
+def _retrieval(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device, five: _Set5x200) -> dict:
+    labels = five.labels
+    txt = text_embeddings(model.student, tokenizer, cache.texts(five.indices), cfg, device)
+    sim = (five.image_emb @ txt.T).numpy()
     results = {"5x200": {"image_to_text_precision": metrics.precision_at_k(sim, labels, labels),
                          "text_to_image_precision": metrics.precision_at_k(sim.T, labels, labels)}}
     test = cache.indices("test")
@@ -137,30 +145,35 @@ def evaluate(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, device:
         raise ConfigError(f"unknown eval task {unknown[0]!r} (known: {', '.join(TASKS)}, all)")
     out.mkdir(parents=True, exist_ok=True)
     results: dict = {"checkpoint": checkpoint, "cache": str(cache.root)}
+    task = binary_task(cache, prompts)
+    retrieval = "retrieval" in tasks and cache.has_reports
+    if "retrieval" in tasks and not cache.has_reports and tasks != TASKS:
+        # Asked for by name: say why not; under "all", it is left out.
+        raise ConfigError(f"cache {cache.root} holds no reports: retrieval needs them")
+    five = None
+    if (task is None and "zeroshot" in tasks) or retrieval:
+        five = _set_5x200(model, cache, cfg, device)
+        _write_5x200(cache, five, out / "5x200.csv")
     if "zeroshot" in tasks:
-        results["zeroshot"] = _zeroshot(model, tokenizer, cache, cfg, device, out, prompts)
-    if "retrieval" in tasks:
-        if not cache.has_reports:
-            if tasks != TASKS:  # asked for by name: say why not; under "all", leave it out
-                raise ConfigError(f"cache {cache.root} holds no reports: retrieval needs them")
-        else:
-            results["retrieval"] = _retrieval(model, tokenizer, cache, cfg, device)
+        results["zeroshot"] = (
+            _binary_zeroshot(model, tokenizer, cache, cfg, device, out, task, prompts) if task is not None
+            else _zeroshot(model, tokenizer, cfg, device, out, five, prompts))
+    if retrieval:
+        results["retrieval"] = _retrieval(model, tokenizer, cache, cfg, device, five)
     if "linear-probe" in tasks:
         results["linear_probe"] = _linear_probe(model, cache, cfg, device, out, seeds, checkpoint)
-    if binary_task(cache, prompts) is None and {"zeroshot", "retrieval"} & set(tasks):
-        _write_5x200(cache, out / "5x200.csv")
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(format_markdown(results) + "\n")
     return results
 
 
-def _write_5x200(cache: Cache, path: Path) -> None:
+def _write_5x200(cache: Cache, five: _Set5x200, path: Path) -> None:
     """The evaluated items, so that others can reproduce the set."""
-    indices, labels = load_zeroshot_set(cache)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["id", "label"])
-        writer.writerows((cache.rows[i]["id"], CLASSES[c]) for i, c in zip(indices, labels, strict=True))
+        pairs = zip(five.indices, five.labels, strict=True)
+        writer.writerows((cache.rows[i]["id"], CLASSES[c]) for i, c in pairs)
 
 
 def format_markdown(results: dict) -> str:

@@ -137,14 +137,20 @@ def zeroshot_metrics(probs: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
+def class_probabilities_of(model: MSDModel, tokenizer, cfg: ModelConfig, device: torch.device,
+                           image_emb: torch.Tensor, prompts: Prompts = DEFAULT_PROMPTS) -> np.ndarray:
+    """[n, 5] class probabilities of the student for image embeddings, from the class prompts."""
+    class_emb = prompt_embeddings(model.student, tokenizer, cfg, device,
+                                  [prompts.classes[c] for c in CLASSES])
+    return class_probabilities(image_emb, class_emb, model.tau.item())
+
+
 def evaluate_synthcxr(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig,
                       device: torch.device) -> dict:
     """Zero-shot results of the student tower on the 5x200 list of a synthcxr cache."""
     indices, labels = load_zeroshot_set(cache)
     image_emb = image_embeddings(model.student, cache.image_paths(indices), cfg, device)
-    class_emb = prompt_embeddings(model.student, tokenizer, cfg, device,
-                                  [DEFAULT_PROMPTS.classes[c] for c in CLASSES])
-    return zeroshot_metrics(class_probabilities(image_emb, class_emb, model.tau.item()), labels)
+    return zeroshot_metrics(class_probabilities_of(model, tokenizer, cfg, device, image_emb), labels)
 
 
 def format_results(results: dict) -> str:
