@@ -62,12 +62,24 @@ class TrainConfig:
     weight_decay: float = 0.02
     warmup_steps: int = 50
     grad_clip: float = 1.0
-    grad_checkpointing: bool = False
+    # Activation checkpointing of the student's blocks: none, all, or image=K,text=K (every
+    # K-th block of each encoder, 0 for none). With --gpu-mem on a GPU the planner chooses it.
+    checkpointing: str = "none"
     seed: int = 0
     log_every: int = 20
     save_every: int = 400
     keep_last: int = 2
     gpu_mem: str | None = None
+    plan: bool = True  # with --gpu-mem on a GPU: micro-batch, checkpointing, key chunk by the planner
+    # The fast path, each piece switchable for measurement (bench/step.py turns all off).
+    fused_adamw: bool = True  # torch's fused AdamW kernel (CUDA)
+    sdpa: bool = True  # fused scaled-dot-product attention in both encoders
+    bf16_teacher: bool = True  # keys phase on a bf16 shadow of the teacher (under bf16)
+    pin_memory: bool = True  # pinned host buffers, non-blocking copies (CUDA)
+    compile: bool = False  # torch.compile the encoders
+    # Reports padded to max_len (static shapes, what compile wants) or cut to the longest
+    # report of each effective batch (less attention work in eager mode); auto: fixed iff compile.
+    report_padding: str = "auto"  # auto | fixed | trim
     eval_at_end: bool = True
     eval_every: int = 0  # zero-shot + retrieval every K steps (0: only at the end)
 
@@ -99,6 +111,9 @@ class Config:
             raise ConfigError(f"unknown --dot-precision {t.dot_precision!r} (ieee, tf32 or bf16)")
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"unknown --precision {t.precision!r} (auto, fp32, bf16 or fp16)")
+        parse_checkpointing(t.checkpointing)
+        if t.report_padding not in ("auto", "fixed", "trim"):
+            raise ConfigError(f"unknown --report-padding {t.report_padding!r} (auto, fixed or trim)")
         if not 0.0 <= t.alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {t.alpha}")
         if t.steps < 1:
@@ -107,6 +122,27 @@ class Config:
             raise ConfigError(f"momentum must lie in [0, 1), got {m.momentum}")
         if not m.tau_min <= m.tau_init <= m.tau_max:
             raise ConfigError(f"tau_init {m.tau_init} is outside [{m.tau_min}, {m.tau_max}]")
+
+
+def parse_checkpointing(text: str) -> tuple[int, int]:
+    """'none' -> (0, 0), 'all' -> (1, 1), 'image=1,text=2' -> (1, 2): checkpoint every K-th
+    block of the image and the text encoder (0: none)."""
+    named = {"none": (0, 0), "all": (1, 1)}
+    if text in named:
+        return named[text]
+    every = {}
+    for part in text.split(","):
+        key, _, value = part.partition("=")
+        if key.strip() not in ("image", "text") or not value.strip().isdigit():
+            raise ConfigError(f"malformed --checkpointing {text!r}: none, all or image=K,text=K "
+                              "(every K-th block, 0 for none)")
+        every[key.strip()] = int(value)
+    return every.get("image", 0), every.get("text", 0)
+
+
+def format_checkpointing(image_every: int, text_every: int) -> str:
+    named = {(0, 0): "none", (1, 1): "all"}
+    return named.get((image_every, text_every), f"image={image_every},text={text_every}")
 
 
 def _tiny() -> Config:
@@ -146,7 +182,7 @@ def _base() -> Config:
             warmup_steps=1000,
             alpha_warmup_steps=2000,
             weight_decay=0.05,
-            grad_checkpointing=True,
+            checkpointing="all",
             log_every=50,
             save_every=1000,
         ),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastmsd.config import Config, ConfigError
+from fastmsd.config import Config, ConfigError, parse_checkpointing
 from fastmsd.model import MSDModel
 from fastmsd.momentum import Rings, flatten_parameters, select_ema
 from fastmsd.objective import select_loss
@@ -80,12 +80,17 @@ class Engine:
         # every EMA, instead of re-casting the fp32 master weights in every forward.
         self.teacher = self.model.momentum
         self.shadow_flat = None
-        if self.precision == "bf16":
+        if self.precision == "bf16" and cfg.train.bf16_teacher:
             self.teacher = copy.deepcopy(self.model.momentum).to(torch.bfloat16)
             self.shadow_flat = flatten_parameters(self.teacher)
         self._ema = select_ema(cfg.train.ema_impl, self.device)
-        if cfg.train.grad_checkpointing:
-            self.model.set_grad_checkpointing(True)
+        self.model.set_checkpointing(*parse_checkpointing(cfg.train.checkpointing))
+        self.model.set_attention(cfg.train.sdpa)
+        if cfg.train.compile:
+            # In place (nn.Module.compile), so parameter names and the flat views stay.
+            for tower in {id(t): t for t in (self.model.student, self.teacher)}.values():
+                tower.image_encoder.compile()
+                tower.text_encoder.compile()
         self.rings = Rings(cfg.train.queue_size, cfg.model.embed_dim, self.device)
         self.loss_fn = select_loss(cfg.train.loss_impl, self.device, cfg.train.dot_precision)
         self.optimizer = self._build_optimizer()
@@ -108,7 +113,7 @@ class Engine:
                   {"params": no_decay, "weight_decay": 0.0},
                   {"params": [self.model.tau], "weight_decay": 0.0, "lr": t.tau_lr}]
         return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.98), eps=1e-6,
-                                 fused=self.device.type == "cuda")
+                                 fused=self.device.type == "cuda" and t.fused_adamw)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":

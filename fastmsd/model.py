@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fastmsd.config import ConfigError, ModelConfig
 
@@ -141,19 +142,71 @@ class MSDModel(nn.Module):
         self.momentum.eval()
         return self
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute student activations in backward (the teacher keeps none)."""
-        self.student.image_encoder.set_grad_checkpointing(enable)
-        text = self.student.text_encoder
-        # transformers 5 renamed the switch; older releases only have gradient_checkpointing_*.
-        if hasattr(text, "activation_checkpointing_enable"):
-            on, off = text.activation_checkpointing_enable, text.activation_checkpointing_disable
-        else:
-            on, off = text.gradient_checkpointing_enable, text.gradient_checkpointing_disable
-        if enable:
-            on({"use_reentrant": False})
-        else:
-            off()
+    def set_checkpointing(self, image_every: int, text_every: int) -> None:
+        """Recompute the activations of every k-th block of each student encoder in backward
+        (0: none, 1: all); the teacher keeps no activations."""
+        set_block_checkpointing(self.student.image_encoder, image_every)
+        set_block_checkpointing(self.student.text_encoder, text_every)
+
+    def set_attention(self, sdpa: bool) -> None:
+        """Fused scaled-dot-product attention in all four encoders, or the eager matmul-softmax."""
+        for tower in (self.student, self.momentum):
+            for module in tower.image_encoder.modules():
+                if hasattr(module, "fused_attn"):
+                    module.fused_attn = sdpa
+            if hasattr(tower.text_encoder, "set_attn_implementation"):
+                tower.text_encoder.set_attn_implementation("sdpa" if sdpa else "eager")
+
+
+def checkpoint_units(encoder: nn.Module) -> list[nn.Module]:
+    """The encoder's repeated blocks: the first container, in module order, whose children
+    are all of one class (ViT ``blocks``, ConvNeXt ``stages``, BERT ``encoder.layer``)."""
+    for module in encoder.modules():
+        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) \
+                and len({_base_class(child) for child in module}) == 1:
+            return list(module)
+    return []
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def _base_class(module: nn.Module) -> type:
+    return next(c for c in type(module).__mro__ if c not in _CHECKPOINTED.values())
+
+
+def _checkpointed_class(cls: type) -> type:
+    # A subclass swapped in as the block's class keeps its parameter names (so checkpoints
+    # and the flat buffers are unaffected) and survives deepcopy, unlike a patched attribute.
+    if cls not in _CHECKPOINTED:
+        def forward(self, *args, **kwargs):
+            if self.training and torch.is_grad_enabled():
+                return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
+            return cls.forward(self, *args, **kwargs)
+
+        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+    return _CHECKPOINTED[cls]
+
+
+def set_block_checkpointing(encoder: nn.Module, every: int) -> None:
+    """Checkpoint blocks 0, k, 2k, ... of ``encoder`` (every == k; 0 turns it off)."""
+    if every < 0:
+        raise ValueError(f"checkpointing interval must be >= 0, got {every}")
+    # The libraries' own all-or-nothing switches stay off: this policy replaces them.
+    if hasattr(encoder, "set_grad_checkpointing"):  # timm
+        encoder.set_grad_checkpointing(False)
+    # transformers 5 renamed the switch; older releases only have gradient_checkpointing_*.
+    for name in ("activation_checkpointing_disable", "gradient_checkpointing_disable"):
+        if hasattr(encoder, name):
+            getattr(encoder, name)()
+            break
+    for i, unit in enumerate(checkpoint_units(encoder)):
+        base = _base_class(unit)
+        unit.__class__ = _checkpointed_class(base) if every and i % every == 0 else base
+
+
+def checkpointed_blocks(encoder: nn.Module) -> list[bool]:
+    return [type(unit) in _CHECKPOINTED.values() for unit in checkpoint_units(encoder)]
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> MSDModel:

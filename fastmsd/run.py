@@ -22,10 +22,10 @@ from fastmsd.checkpoint import (
 from fastmsd.config import Config, ConfigError, load_yaml, save_yaml
 from fastmsd.data import dali
 from fastmsd.data.cache import Cache
-from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages
-from fastmsd.data.text import load_tokenizer, tokenize
+from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
+from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
 from fastmsd.engine import Batch, Engine, resolve_precision
-from fastmsd.memory import cap_cuda_memory, format_size, parse_size
+from fastmsd.memory import Plan, format_size, parse_size, plan_for_run
 from fastmsd.model import build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
@@ -154,10 +154,29 @@ def build_loader(cfg: Config, paths: list[Path], device: torch.device):
         kind = "memory" if fits else "dali" if dali.available() else "torch"
     args = (paths, size, cfg.model.in_chans, device, cfg.train.seed)
     if kind == "memory":
-        return MemoryImages(*args)
+        return MemoryImages(*args, pin_memory=cfg.train.pin_memory)
     if kind == "torch":
-        return StreamImages(*args, workers=cfg.train.loader_workers)
+        return StreamImages(*args, workers=cfg.train.loader_workers, pin_memory=cfg.train.pin_memory)
     return dali.DaliImages(*args, batch_size=cfg.train.batch_size, num_threads=cfg.train.loader_workers)
+
+
+def out_of_memory_error(cfg: Config, plan: Plan | None, step: int, run_dir: Path,
+                        err: Exception) -> ConfigError:
+    """A step that ran out of memory: what was running, what to do, and where training resumes."""
+    t = cfg.train
+    what = plan.describe() if plan is not None else (
+        f"micro-batch {t.micro_batch_size}, checkpointing {t.checkpointing}, keys in chunks of {t.key_chunk}")
+    if plan is not None:
+        advice = ("the plan measured this step within the budget, so another process probably took GPU "
+                  "memory (see nvidia-smi): free it, or lower --gpu-mem to what is free, which replans")
+    else:
+        advice = ("pass --gpu-mem with the memory this GPU has free to let the planner choose, or lower "
+                  "--micro-batch-size / --key-chunk, or add --checkpointing all")
+    latest = latest_checkpoint(run_dir)
+    resume = (f"the last checkpoint, {latest}, is intact: continue with --resume latest" if latest
+              else "no checkpoint was written yet")
+    first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
+    return ConfigError(f"out of memory in step {step + 1} ({first}) with {what}; {advice}; {resume}")
 
 
 def periodic_eval(engine: Engine, tokenizer, cache: Cache, cfg: Config, run_dir: Path) -> dict:
@@ -191,11 +210,7 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     device = resolve_device(cfg.train.device)
     resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
-        budget = parse_size(cfg.train.gpu_mem)
-        if device.type == "cuda":
-            cap_cuda_memory(budget, device)
-        else:
-            print(f"note: --gpu-mem {cfg.train.gpu_mem} has no effect on {device}")
+        parse_size(cfg.train.gpu_mem)
     cache = ensure_data(cfg.train.data, generate_data)
     train_idx = cache.indices("train")
     if cfg.train.eval_every:
@@ -207,6 +222,11 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     else:
         save_yaml(cfg, run_dir / CONFIG_FILE)
     tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir)
+    plan = plan_for_run(cfg, run_dir, device, len(tokenizer), progress)
+    if plan is not None:
+        save_yaml(cfg, run_dir / CONFIG_FILE)
+    padding = cfg.train.report_padding
+    trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 
     torch.manual_seed(cfg.train.seed)
     engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device)
@@ -229,10 +249,17 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     try:
         while engine.step < last:
             idx = stream.next()
-            batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()),
-                          input_ids[idx].long().to(device, non_blocking=True),
-                          attention_mask[idx].to(device, non_blocking=True))
-            loss, grad_norm = engine.train_step(batch)
+            ids, mask = input_ids[idx], attention_mask[idx]
+            if trim:
+                ids, mask = trim_reports(ids, mask)
+            try:
+                batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()),
+                              to_device(ids.long(), device, t.pin_memory),
+                              to_device(mask, device, t.pin_memory))
+                loss, grad_norm = engine.train_step(batch)
+            except torch.OutOfMemoryError as err:
+                raise out_of_memory_error(cfg, plan, engine.step, run_dir, err) from None
+            del batch  # before the next batch is loaded: two effective batches need not fit
             window_loss += loss.detach()
             window_steps += 1
             bar.update(1)

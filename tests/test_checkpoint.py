@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 import fastmsd.checkpoint as ckpt
 from fastmsd.engine import Engine
 from fastmsd.model import build_model
-from fastmsd.run import train
+from fastmsd.run import run_config, train
 from tests.conftest import micro_config
 
 
@@ -101,3 +101,58 @@ def test_resume_is_bit_exact(tmp_path, synth_cache):
     assert_same(rings_a, rings_b, "rings")
     assert_same(state_a, state_b, "trainer")  # optimizer, scheduler, RNG, ring pointer, data position
     assert state_a["ring_n_valid"] == 80 and state_a["ring_ptr"] == 6 * 32 % 80
+
+
+def test_out_of_memory_mid_run_is_reported_and_keeps_the_last_checkpoint(tmp_path, synth_cache, monkeypatch):
+    """Another process takes GPU memory after planning: the step that fails names the plan and
+    what to do, and the run resumes from its last checkpoint."""
+    import fastmsd.run as run_module
+    from fastmsd.config import ConfigError
+    from fastmsd.memory import Plan
+
+    plan = Plan(micro_batch_size=16, key_chunk=32, checkpointing="image=2,text=1", batch_size=32,
+                budget_bytes=12 * 2**30, usable_bytes=11 * 2**30, peak_bytes=10 * 2**30, img_per_s=900.0,
+                device="fake GPU")
+
+    def fake_plan(cfg, cache_dir, device, vocab_size, progress=True):
+        t = cfg.train
+        t.micro_batch_size, t.key_chunk, t.checkpointing = 16, 32, plan.checkpointing
+        return plan
+
+    real_step = Engine.train_step
+
+    def step_that_runs_out(self, batch):
+        if self.step == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, batch)
+
+    monkeypatch.setattr(run_module, "plan_for_run", fake_plan)
+    monkeypatch.setattr(Engine, "train_step", step_that_runs_out)
+    cfg = micro_config(steps=6, save_every=2, batch_size=32, queue_size=64, gpu_mem="12G")
+    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(tmp_path), "oom"
+    with pytest.raises(ConfigError) as err:
+        train(cfg, progress=False)
+    text = str(err.value)
+    assert "out of memory in step 4" in text and "Tried to allocate 2.00 GiB" in text
+    assert plan.describe() in text and "another process" in text and "--gpu-mem" in text
+    last = tmp_path / "oom" / "checkpoints" / "step_00000002"
+    assert f"{last}" in text and "--resume latest" in text
+    assert ckpt.latest_checkpoint(tmp_path / "oom") == last and ckpt.is_complete(last)
+    assert "image=2,text=1" in (tmp_path / "oom" / "config.yaml").read_text()  # the plan was saved
+    monkeypatch.setattr(Engine, "train_step", real_step)
+    train(run_config(last), resume="latest", progress=False)
+    assert ckpt.latest_checkpoint(tmp_path / "oom").name == "step_00000006"
+
+
+def test_out_of_memory_without_a_plan_suggests_settings(tmp_path, synth_cache, monkeypatch):
+    from fastmsd.config import ConfigError
+
+    def no_memory(self, batch):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(Engine, "train_step", no_memory)
+    cfg = micro_config(steps=2, batch_size=32, queue_size=64)
+    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(tmp_path), "oom"
+    with pytest.raises(ConfigError, match="out of memory in step 1") as err:
+        train(cfg, progress=False)
+    assert "--checkpointing all" in str(err.value) and "no checkpoint was written yet" in str(err.value)

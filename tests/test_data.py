@@ -49,3 +49,9 @@ def test_augment_is_seeded_and_keeps_laterality():
     assert (a[..., :16].mean(dim=(1, 2, 3)) > a[..., 16:].mean(dim=(1, 2, 3))).all()
     x = to_model_input(images, 3)
     assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32
+
+
+def test_augment_in_chunks_equals_one_pass():
+    images = torch.randint(0, 256, (7, 1, 24, 24), dtype=torch.uint8)
+    whole = augment(images, torch.Generator().manual_seed(3))
+    assert torch.equal(augment(images, torch.Generator().manual_seed(3), chunk=3), whole)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmsd.engine import Batch, Engine, alpha_at, lr_factor
-from fastmsd.model import build_model
+from fastmsd.model import build_model, checkpointed_blocks
 from tests.conftest import micro_config
 
 
@@ -131,14 +131,19 @@ def test_cpu_rejects_half_precision():
 def test_activation_checkpointing_keeps_gradients():
     batch = make_batch(micro_config(), 32)
     results = []
-    for checkpointing in (False, True):
-        engine = make_engine(micro_config(micro_batch_size=16, grad_checkpointing=checkpointing))
+    for checkpointing in ("none", "all", "image=2,text=1"):
+        engine = make_engine(micro_config(micro_batch_size=16, checkpointing=checkpointing))
+        student = engine.model.student
+        expected = {"none": (0, 0), "all": (4, 1), "image=2,text=1": (2, 1)}[checkpointing]
+        assert (sum(checkpointed_blocks(student.image_encoder)),
+                sum(checkpointed_blocks(student.text_encoder))) == expected
         prefill(engine, 10, 64)
         engine.accumulate_gradients(batch)
         results.append(grads(engine))
-    assert results[0].keys() == results[1].keys()
-    for name in results[0]:
-        assert rel_err(results[1][name], results[0][name]) <= 1e-5, name
+    for other in results[1:]:
+        assert other.keys() == results[0].keys()
+        for name in results[0]:
+            assert rel_err(other[name], results[0][name]) <= 1e-5, name
 
 
 def test_triton_loss_trains_like_the_eager_loss():

@@ -60,11 +60,10 @@ def to_model_input(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.expand(-1, in_chans, -1, -1) if in_chans != x.shape[1] else x
 
 
-def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256) -> torch.Tensor:
     """Random scale crop (0.8-1 of the side), rotation (+-5 degrees), shift, brightness and
     contrast, batched; returns float [0, 1]. No flips: laterality is written in the reports."""
     n = images.shape[0]
-    x = images.float() / 255.0
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
         return lo + (hi - lo) * torch.rand(n, generator=generator)
@@ -74,12 +73,25 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     shift_x, shift_y = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    grid = F.affine_grid(theta.to(x.device), list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-    contrast = uniform(0.85, 1.15).to(x.device)[:, None, None, None]
-    brightness = uniform(-0.08, 0.08).to(x.device)[:, None, None, None]
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return ((x - mean) * contrast + mean + brightness).clamp(0.0, 1.0)
+    contrast = uniform(0.85, 1.15).to(images.device)[:, None, None, None]
+    brightness = uniform(-0.08, 0.08).to(images.device)[:, None, None, None]
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    # In chunks: the sampling grid and temporaries of a whole 4,096-image effective batch at
+    # 224 px would take several GiB of a small GPU's budget.
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        x = images[s:e].float() / 255.0
+        grid = F.affine_grid(theta[s:e].to(x.device), list(x.shape), align_corners=False)
+        x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        out[s:e] = ((x - mean) * contrast[s:e] + mean + brightness[s:e]).clamp(0.0, 1.0)
+    return out
+
+
+def normalize_(x: torch.Tensor, in_chans: int) -> torch.Tensor:
+    """[0, 1] float images normalised in place (no second copy of an effective batch)."""
+    x = x.sub_(MEAN).div_(STD)
+    return x.expand(-1, in_chans, -1, -1) if in_chans != x.shape[1] else x
 
 
 class BatchStream:
@@ -124,21 +136,25 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    # uint8 pixels travel (4x fewer bytes than float), pinned so the copy overlaps compute.
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+def to_device(t: torch.Tensor, device: torch.device, pin: bool = True) -> torch.Tensor:
+    """Host to device; pinned and non-blocking so the copy overlaps compute."""
+    if device.type != "cuda" or t.device.type == "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True) if pin else t.to(device)
 
 
 class MemoryImages:
     """The whole split decoded once into host memory at training resolution (uint8)."""
 
-    def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int):
+    def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int,
+                 pin_memory: bool = True):
         self.images = load_images(paths, size)
-        self.in_chans, self.device, self.seed = in_chans, device, seed
+        self.in_chans, self.device, self.seed, self.pin = in_chans, device, seed, pin_memory
 
     def batch(self, idx: torch.Tensor, step: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
-        images = augment(_to_device(self.images[idx], self.device), step_generator(self.seed, step))
-        return to_model_input(images, self.in_chans)
+        # uint8 pixels travel (4x fewer bytes than float) and are augmented on the device.
+        images = to_device(self.images[idx], self.device, self.pin)
+        return normalize_(augment(images, step_generator(self.seed, step)), self.in_chans)
 
 
 class StreamImages:
@@ -146,9 +162,9 @@ class StreamImages:
     batched JPEG decoder on a CUDA device; the next batch is decoded while this one trains."""
 
     def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int,
-                 workers: int = 2):
+                 workers: int = 2, pin_memory: bool = True):
         self.paths, self.size, self.in_chans = list(paths), size, in_chans
-        self.device, self.seed = device, seed
+        self.device, self.seed, self.pin = device, seed, pin_memory
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self._ahead: tuple[torch.Tensor, object] | None = None
 
@@ -170,8 +186,8 @@ class StreamImages:
         else:
             images = self.decode(idx)
         self._ahead = None if prefetch is None else (prefetch, self.pool.submit(self.decode, prefetch))
-        images = augment(_to_device(images, self.device), step_generator(self.seed, step))
-        return to_model_input(images, self.in_chans)
+        images = to_device(images, self.device, self.pin)
+        return normalize_(augment(images, step_generator(self.seed, step)), self.in_chans)
 
 
 def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:

@@ -57,3 +57,12 @@ def tokenize(tokenizer, texts: Sequence[str], max_len: int) -> tuple[torch.Tenso
     enc = tokenizer(list(texts), max_length=max_len, truncation=True, padding="max_length",
                     return_tensors="pt")
     return enc["input_ids"].to(torch.int32), enc["attention_mask"].bool()
+
+
+def trim_reports(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 multiple: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token arrays cut to their longest report, rounded up to ``multiple``: the cut columns
+    are padding, masked out, so the embeddings keep their values with less attention work."""
+    longest = int(attention_mask.sum(1).max())
+    keep = min(input_ids.shape[1], -(-longest // multiple) * multiple)
+    return input_ids[:, :keep], attention_mask[:, :keep]
