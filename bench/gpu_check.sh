@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: kernel tests on the GPU, then the loss, EMA and loader benches, whose tables
+# The one prepared GPU check: kernel tests on the GPU, then the loss, EMA, loader and step benches, whose tables
 # are appended to bench/RESULTS.md. Run from the repository root on a CUDA machine that has torch,
 # triton, timm and transformers (the device machine has no package registry: nothing is fetched).
 #
@@ -45,4 +45,8 @@ python -m bench.loss --dtype fp32 --precision tf32
 python -m bench.loss --dtype fp32 --precision ieee
 python -m bench.ema
 python -m bench.data --cache bench/gpu-cache
+# The 12G plan for the base preset (ViT-B/16 + BERT-base), then the fast path against the eager
+# path under the same cap (issue 6: peak <= 12 GiB; target >= 2,500 img/s on an H200).
+python -m fastmsd plan --gpu-mem 12G --preset base --runs-dir "$out/runs" --no-progress 2>&1 | tee "$out/plan.txt"
+python -m bench.step --gpu-mem 12G --steps 2 --profile "$out/traces"
 cp bench/RESULTS.md "$out/RESULTS.md"

@@ -6,7 +6,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -139,9 +139,11 @@ def _largest_fitting(sizes: list[int], measure) -> tuple[int, Measurement] | Non
 
 
 def make_plan(probe: Probe, *, batch_size: int, budget: int, device: str,
-              margin: float = SAFETY_MARGIN, progress: bool = True) -> Plan:
-    """The micro-batch size, checkpointing policy and key chunk with the highest measured
-    throughput whose measured peak stays within ``budget`` less the safety margin."""
+              margin: float = SAFETY_MARGIN, progress: bool = True,
+              policies: Sequence[tuple[int, int]] | None = None) -> Plan:
+    """The micro-batch size, checkpointing policy (of ``policies``, default every pair of
+    CHECKPOINT_EVERY) and key chunk with the highest measured throughput whose measured peak
+    stays within ``budget`` less the safety margin."""
     from fastmsd.config import format_checkpointing
 
     usable = int(budget * (1.0 - margin))
@@ -165,22 +167,20 @@ def make_plan(probe: Probe, *, batch_size: int, budget: int, device: str,
         keys = _largest_fitting(_sizes(min(batch_size, MAX_KEY_CHUNK)), lambda c: fits(
             lambda: probe.keys(c), "keys" if c == 1 else None))
         fixed = probe.fixed_seconds() if keys is not None else 0.0
-        for image_every in CHECKPOINT_EVERY:
-            for text_every in CHECKPOINT_EVERY:
-                if keys is None:
-                    break
-                policy = (image_every, text_every)
-                found = _largest_fitting(_sizes(batch_size), lambda b, p=policy: fits(
-                    lambda: probe.micro(b, *p), "micro" if (b, p) == (1, (1, 1)) else None))
-                if found is None:
-                    continue
-                (b, m), (chunk, k) = found, keys
-                seconds = -(-batch_size // chunk) * k.seconds + batch_size / b * m.seconds + fixed
-                plan = Plan(b, chunk, format_checkpointing(*policy), batch_size, budget, usable,
-                            max(m.peak_bytes, k.peak_bytes), batch_size / seconds, device)
-                # Faster wins; at equal speed, the smaller peak.
-                if best is None or (plan.img_per_s, -plan.peak_bytes) > (best.img_per_s, -best.peak_bytes):
-                    best = plan
+        for policy in (policies or [(i, t) for i in CHECKPOINT_EVERY for t in CHECKPOINT_EVERY]):
+            if keys is None:
+                break
+            found = _largest_fitting(_sizes(batch_size), lambda b, p=policy: fits(
+                lambda: probe.micro(b, *p), "micro" if (b, p) == (1, (1, 1)) else None))
+            if found is None:
+                continue
+            (b, m), (chunk, k) = found, keys
+            seconds = -(-batch_size // chunk) * k.seconds + batch_size / b * m.seconds + fixed
+            plan = Plan(b, chunk, format_checkpointing(*policy), batch_size, budget, usable,
+                        max(m.peak_bytes, k.peak_bytes), batch_size / seconds, device)
+            # Faster wins; at equal speed, the smaller peak.
+            if best is None or (plan.img_per_s, -plan.peak_bytes) > (best.img_per_s, -best.peak_bytes):
+                best = plan
     finally:
         bar.close()
     if best is None:

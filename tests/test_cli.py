@@ -108,3 +108,22 @@ def test_gpu_mem_caps_the_allocator(monkeypatch):
     assert calls == [(0.75, "cuda:0")]
     with pytest.raises(ConfigError, match="exceeds"):
         cap_cuda_memory(parse_size("20G"), "cuda:0")
+
+
+def test_plan_needs_a_gpu(tmp_path):
+    assert_one_line_error(run_cli("plan", "--gpu-mem", "12G", "--device", "cpu", cwd=tmp_path),
+                          "fastmsd plan", "CUDA")
+
+
+def test_malformed_checkpointing(tmp_path):
+    assert_one_line_error(run_cli("train", "--checkpointing", "image=x", "--no-progress", cwd=tmp_path),
+                          "--checkpointing", "image=K,text=K")
+
+
+def test_planner_settings_and_explicit_sizes_conflict(monkeypatch, capsys):
+    import fastmsd.cli as cli
+
+    monkeypatch.setattr(cli, "_cuda_available", lambda: True)
+    assert cli.main(["train", "--gpu-mem", "12G", "--micro-batch-size", "8", "--checkpointing", "all"]) == 2
+    err = capsys.readouterr().err
+    assert "--micro-batch-size and --checkpointing" in err and "--no-plan" in err

@@ -190,3 +190,39 @@ def test_triton_ema_matches_the_torch_ema():
         engines[impl] = engine
     torch.testing.assert_close(engines["triton"].momentum_flat, engines["foreach"].momentum_flat,
                                rtol=0, atol=1e-7)
+
+
+def test_fast_path_switches_keep_gradients():
+    """--compile, --no-sdpa, and trimmed reports change how, not what, the step computes."""
+    from fastmsd.data.text import trim_reports
+
+    batch = make_batch(micro_config(), 32)
+    ids, mask = trim_reports(batch.input_ids, batch.attention_mask)
+    trimmed = Batch(batch.images, ids, mask)
+    results = {}
+    for name, switches, data in (("reference", {}, batch), ("compile", {"compile": True}, batch),
+                                 ("eager attention", {"sdpa": False}, batch), ("trimmed", {}, trimmed)):
+        engine = make_engine(micro_config(micro_batch_size=16, **switches))
+        prefill(engine, 10, 64)
+        engine.accumulate_gradients(data)
+        results[name] = grads(engine)
+    reference = results.pop("reference")
+    for name, result in results.items():
+        for key, g in reference.items():
+            # Key biases get no gradient in exact arithmetic (softmax ignores a per-row shift):
+            # their ~1e-11 rounding noise is compared absolutely.
+            if g.norm() < 1e-8:
+                assert (result[key] - g).norm() < 1e-8, (name, key)
+            else:
+                assert rel_err(result[key], g) <= 1e-5, (name, key)
+
+
+def test_trim_reports_keeps_the_longest_report():
+    from fastmsd.data.text import trim_reports
+
+    mask = torch.arange(32)[None] < torch.tensor([3, 9, 5])[:, None]
+    ids = torch.arange(96).reshape(3, 32) * mask
+    assert trim_reports(ids, mask)[0].shape == (3, 16)  # the longest, 9, rounded up to 8s
+    cut_ids, cut_mask = trim_reports(ids, mask, multiple=4)
+    assert cut_ids.shape == (3, 12) and torch.equal(cut_mask.sum(1), mask.sum(1))
+    assert torch.equal(cut_ids, ids[:, :12])
