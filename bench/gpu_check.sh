@@ -40,6 +40,27 @@ for n in (1, 4097, 10_000_003):
         assert torch.equal(shadow, t.to(torch.bfloat16)), (n, m)
 print("EMA on the GPU: within one rounding of lerp_, shadow bit-exact")
 PY
+# The fast path's promise of no host synchronisation inside the micro-batch loop, checked by CUDA
+# itself: any synchronising call in the keys and query phases raises.
+python - <<'PY' 2>&1 | tee -a "$out/kernel-tests.txt"
+import torch
+from fastmsd.config import preset
+from fastmsd.engine import Batch, Engine
+from fastmsd.model import build_model
+cfg = preset("tiny")
+cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.key_chunk = 128, 32, 64
+engine = Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), "cuda")
+m = cfg.model
+batch = Batch(torch.randn(128, 1, m.image_size, m.image_size, device="cuda"),
+              torch.randint(0, m.vocab_size, (128, m.max_len), device="cuda"),
+              torch.ones(128, m.max_len, dtype=torch.bool, device="cuda"))
+engine.train_step(batch)  # first calls: compilation, allocations
+torch.cuda.synchronize()
+torch.cuda.set_sync_debug_mode("error")
+engine.accumulate_gradients(batch)
+torch.cuda.set_sync_debug_mode(0)
+print("keys + query phases of a step: no host synchronisation")
+PY
 python -m bench.loss --dtype bf16 --precision tf32 --profile "$out/traces"
 python -m bench.loss --dtype fp32 --precision tf32
 python -m bench.loss --dtype fp32 --precision ieee

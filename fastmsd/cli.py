@@ -43,6 +43,7 @@ _OVERRIDES = {
     "seed": ("train", "seed"),
     "checkpointing": ("train", "checkpointing"),
     "plan": ("train", "plan"),
+    "dist_timeout": ("train", "dist_timeout"),
     "fused_adamw": ("train", "fused_adamw"),
     "sdpa": ("train", "sdpa"),
     "bf16_teacher": ("train", "bf16_teacher"),
@@ -123,6 +124,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="zero-shot and retrieval every K steps, logged with the training metrics")
     tr.add_argument("--no-eval", dest="eval_at_end", action="store_false", default=None,
                     help="skip the zero-shot evaluation at the end")
+    tr.add_argument("--dist-timeout", type=float,
+                    help="torchrun: seconds a rank waits for the others before failing (default 1800)")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     pl = sub.add_parser("plan", help="show the micro-batch / checkpointing plan for a GPU memory budget")

@@ -70,6 +70,9 @@ class TrainConfig:
     save_every: int = 400
     keep_last: int = 2
     gpu_mem: str | None = None
+    # torchrun: how long a collective waits for the other ranks before failing (longer than an
+    # --eval-every evaluation, which rank 0 runs while the others wait).
+    dist_timeout: float = 1800.0
     plan: bool = True  # with --gpu-mem on a GPU: micro-batch, checkpointing, key chunk by the planner
     # The fast path, each piece switchable for measurement (bench/step.py turns all off).
     fused_adamw: bool = True  # torch's fused AdamW kernel (CUDA)
@@ -112,6 +115,8 @@ class Config:
         if t.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"unknown --precision {t.precision!r} (auto, fp32, bf16 or fp16)")
         parse_checkpointing(t.checkpointing)
+        if t.dist_timeout <= 0:
+            raise ConfigError(f"--dist-timeout must be positive, got {t.dist_timeout}")
         if t.report_padding not in ("auto", "fixed", "trim"):
             raise ConfigError(f"unknown --report-padding {t.report_padding!r} (auto, fixed or trim)")
         if not 0.0 <= t.alpha <= 1.0:

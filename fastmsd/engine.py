@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from fastmsd.config import Config, ConfigError, parse_checkpointing
+from fastmsd.distributed import Dist, fingerprint
 from fastmsd.model import MSDModel
 from fastmsd.momentum import Rings, flatten_parameters, select_ema
 from fastmsd.objective import select_loss
@@ -67,14 +68,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Engine:
     """The model, its momentum side, the rings and the optimizer of one training run."""
 
-    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str):
+    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str, dist: Dist | None = None):
         self.cfg = cfg
         self.device = torch.device(device)
+        self.dist = dist or Dist()
+        if self.dist.active and cfg.train.accum_mode != "exact":
+            raise ConfigError("--accum-mode naive runs in one process only: its keys and EMA are per "
+                              "micro-batch, which ranks cannot share")
         self.model = model.to(self.device)
         self.model.train()
         # After .to(): flattening replaces each parameter's storage with a view of one buffer.
         self.student_flat = flatten_parameters(self.model.student)
         self.momentum_flat = flatten_parameters(self.model.momentum)
+        # Every rank starts from rank 0's weights (equal seeds give equal ones; this makes sure).
+        for flat in (self.student_flat, self.momentum_flat, self.model.tau.data):
+            self.dist.broadcast_(flat, "the initial weight broadcast")
         self.precision = resolve_precision(cfg.train.precision, self.device)
         # Under bf16 autocast the keys phase reads a bf16 shadow of the teacher, rewritten by
         # every EMA, instead of re-casting the fp32 master weights in every forward.
@@ -127,15 +135,22 @@ class Engine:
 
     @torch.no_grad()
     def encode_keys(self, batch: Batch, offset: int = 0) -> None:
-        """Keys phase: momentum embeddings written in place at rows ptr + offset + i."""
+        """Keys phase: momentum embeddings written in place at rows ptr + offset + i. With
+        several ranks, each embeds its own rows and every rank writes all of them."""
         chunk = self.cfg.train.key_chunk
-        teacher = self.teacher
+        parts = []
         for start in range(0, len(batch), chunk):
             part = batch.slice(start, start + chunk)
             with self.autocast():
-                k_img = teacher.encode_image(part.images)
-                k_txt = teacher.encode_text(part.input_ids, part.attention_mask)
-            self.rings.write(offset + start, k_img.float(), k_txt.float())
+                k_img = self.teacher.encode_image(part.images).float()
+                k_txt = self.teacher.encode_text(part.input_ids, part.attention_mask).float()
+            if self.dist.active:
+                parts.append(torch.cat([k_img, k_txt], 1))
+            else:
+                self.rings.write(offset + start, k_img, k_txt)
+        if self.dist.active:
+            keys = self.dist.all_gather(torch.cat(parts), "the keys all-gather")
+            self.rings.write(offset, *keys.split(k_img.shape[1], dim=1))
 
     def micro_batch_loss(self, micro: Batch, offset: int, divisor: int, alpha: float) -> torch.Tensor:
         """Student rows ``offset ..`` of the effective batch against the whole ring."""
@@ -150,20 +165,23 @@ class Engine:
                             rings.n_valid, self.model.tau, alpha, divisor)
 
     def accumulate_gradients(self, batch: Batch) -> torch.Tensor:
-        """Keys and query phases of one effective batch; returns the summed loss (no sync)."""
-        n, b = len(batch), self.cfg.train.micro_batch_size
+        """Keys and query phases of one effective batch (this rank's share of it); returns the
+        summed loss of these rows (no sync)."""
+        b = self.cfg.train.micro_batch_size
+        # This rank's rows are rows first .. first + len(batch) - 1 of the effective batch n.
+        n, first = len(batch) * self.dist.world, len(batch) * self.dist.rank
         alpha = self.alpha
         exact = self.cfg.train.accum_mode == "exact"
         if exact:
             self.encode_keys(batch)
         total = torch.zeros((), device=self.device)
-        for start in range(0, n, b):
+        for start in range(0, len(batch), b):
             micro = batch.slice(start, start + b)
             if not exact:
                 # ALBEF's order: EMA in every forward, then this micro-batch's keys alone.
                 self.ema_step()
                 self.encode_keys(micro, offset=start)
-            loss = self.micro_batch_loss(micro, start, n, alpha)
+            loss = self.micro_batch_loss(micro, first + start, n, alpha)
             self.scaler.scale(loss).backward()
             total += loss.detach()
         return total
@@ -177,10 +195,12 @@ class Engine:
             self.shadow_flat.copy_(self.momentum_flat)
 
     def optimizer_step(self, n: int) -> torch.Tensor:
-        """Clip, step, clamp tau, EMA, advance the rings by ``n``; returns the grad norm."""
+        """Sum the ranks' gradients, clip, step, clamp tau, EMA, advance the rings by ``n``;
+        returns the grad norm."""
         t, m = self.cfg.train, self.cfg.model
-        self.scaler.unscale_(self.optimizer)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        self.dist.all_reduce_sum_([p.grad for p in params if p.grad is not None], "the gradient all-reduce")
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -195,8 +215,22 @@ class Engine:
         return grad_norm
 
     def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step; ``batch`` is this rank's share of the effective batch."""
         loss = self.accumulate_gradients(batch)
-        return loss, self.optimizer_step(len(batch))
+        return loss, self.optimizer_step(len(batch) * self.dist.world)
+
+    def check_in_sync(self) -> None:
+        """Every rank must hold the same weights, momentum and rings; a divergence (a bug, a
+        non-deterministic collective) is an error, not a silently different model per rank."""
+        if not self.dist.active:
+            return
+        mine = (fingerprint(self.student_flat, self.momentum_flat, self.rings.img, self.rings.txt),
+                self.rings.ptr, self.rings.n_valid)
+        ranks = self.dist.all_gather_object(mine, "the consistency check")
+        if any(r != ranks[0] for r in ranks):
+            differ = [i for i, r in enumerate(ranks) if r != ranks[0]]
+            raise RuntimeError(f"ranks {differ} diverged from rank 0 (weights, momentum or rings) at step "
+                               f"{self.step}")
 
     def state_dict(self) -> dict:
         """Trainer state beside the weights and rings (see fastmsd.checkpoint)."""
@@ -209,6 +243,9 @@ class Engine:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
+        if self.dist.active:  # each rank's own streams (dropout differs per rank)
+            state["rng_by_rank"] = self.dist.all_gather_object(
+                {k: state[k] for k in ("rng_cpu", "rng_cuda") if k in state}, "the RNG-state gather")
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,6 +253,9 @@ class Engine:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        by_rank = state.get("rng_by_rank")
+        if by_rank is not None and len(by_rank) == self.dist.world:
+            state = {**state, **by_rank[self.dist.rank]}
         torch.set_rng_state(state["rng_cpu"])
         if "rng_cuda" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["rng_cuda"], self.device)

@@ -367,8 +367,15 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
             torch.cuda.empty_cache()
 
     plan, cached = cached_plan(cache_dir, plan_key(cfg, props.name, props.total_memory, budget), make)
-    cap_cuda_memory(budget, device)
-    t.micro_batch_size, t.key_chunk = plan.micro_batch_size, plan.key_chunk
-    t.checkpointing = plan.checkpointing
+    apply_plan(cfg, plan, device)
     print(plan.describe() + (" (cached)" if cached else ""))
     return plan
+
+
+def apply_plan(cfg, plan: Plan, device) -> None:
+    """Set the plan's sizes in ``cfg`` and cap the allocator at its budget."""
+    t = cfg.train
+    t.micro_batch_size, t.key_chunk = plan.micro_batch_size, plan.key_chunk
+    t.checkpointing = plan.checkpointing
+    if device.type == "cuda":
+        cap_cuda_memory(plan.budget_bytes, device)

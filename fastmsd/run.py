@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import resource
 import time
@@ -24,8 +25,9 @@ from fastmsd.data import dali
 from fastmsd.data.cache import Cache
 from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
 from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
+from fastmsd.distributed import Dist, RankLost, from_env, shutdown
 from fastmsd.engine import Batch, Engine, resolve_precision
-from fastmsd.memory import Plan, format_size, parse_size, plan_for_run
+from fastmsd.memory import Plan, apply_plan, cap_cuda_memory, format_size, parse_size, plan_for_run
 from fastmsd.model import build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
@@ -102,16 +104,17 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path):
+def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path, save: bool = True):
     """The run's tokenizer and the token arrays of ``indices``: the cache's own vocabulary and
-    arrays, copied into the run folder (so that evaluation needs only the run); or, when the
-    text encoder is a local model folder, that model's tokenizer over the cached report texts."""
+    arrays, copied into the run folder (``save``, so that evaluation needs only the run); or,
+    when the text encoder is a local model folder, that model's tokenizer over the report texts."""
     source = Path(cfg.model.text_encoder)
     if source.is_dir():
         tokenizer = load_tokenizer(source)
         return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
     tokenizer = cache.tokenizer()
-    tokenizer.save_pretrained(run_dir / "tokenizer")
+    if save:
+        tokenizer.save_pretrained(run_dir / "tokenizer")
     return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
 
 
@@ -145,7 +148,7 @@ class Logger:
         self.tb.close()
 
 
-def build_loader(cfg: Config, paths: list[Path], device: torch.device):
+def build_loader(cfg: Config, paths: list[Path], device: torch.device, shard: tuple[int, int] = (0, 1)):
     """The ``--loader`` for the training split; auto keeps a split that fits in
     ``MEMORY_LOADER_BYTES`` decoded in memory, else streams it with DALI when installed, else torch."""
     kind, size = cfg.train.loader, cfg.model.image_size
@@ -154,10 +157,13 @@ def build_loader(cfg: Config, paths: list[Path], device: torch.device):
         kind = "memory" if fits else "dali" if dali.available() else "torch"
     args = (paths, size, cfg.model.in_chans, device, cfg.train.seed)
     if kind == "memory":
-        return MemoryImages(*args, pin_memory=cfg.train.pin_memory)
+        return MemoryImages(*args, pin_memory=cfg.train.pin_memory, shard=shard)
     if kind == "torch":
-        return StreamImages(*args, workers=cfg.train.loader_workers, pin_memory=cfg.train.pin_memory)
-    return dali.DaliImages(*args, batch_size=cfg.train.batch_size, num_threads=cfg.train.loader_workers)
+        return StreamImages(*args, workers=cfg.train.loader_workers, pin_memory=cfg.train.pin_memory,
+                            shard=shard)
+    # DALI draws its own augmentation per rank (seed + rank): the same rows, other draws.
+    return dali.DaliImages(paths, size, cfg.model.in_chans, device, cfg.train.seed + shard[0],
+                           batch_size=cfg.train.batch_size // shard[1], num_threads=cfg.train.loader_workers)
 
 
 def out_of_memory_error(cfg: Config, plan: Plan | None, step: int, run_dir: Path,
@@ -172,11 +178,9 @@ def out_of_memory_error(cfg: Config, plan: Plan | None, step: int, run_dir: Path
     else:
         advice = ("pass --gpu-mem with the memory this GPU has free to let the planner choose, or lower "
                   "--micro-batch-size / --key-chunk, or add --checkpointing all")
-    latest = latest_checkpoint(run_dir)
-    resume = (f"the last checkpoint, {latest}, is intact: continue with --resume latest" if latest
-              else "no checkpoint was written yet")
     first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
-    return ConfigError(f"out of memory in step {step + 1} ({first}) with {what}; {advice}; {resume}")
+    return ConfigError(f"out of memory in step {step + 1} ({first}) with {what}; {advice}; "
+                       f"{_resume_hint(run_dir)}")
 
 
 def periodic_eval(engine: Engine, tokenizer, cache: Cache, cfg: Config, run_dir: Path) -> dict:
@@ -202,58 +206,102 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
 
     ``resume`` is "latest" or a checkpoint folder; ``cfg`` is then the run's saved config (see
     ``run_config``) with any deliberate changes, such as more steps. ``stop_after`` ends this
-    invocation after that many steps, with a checkpoint, as a job with a time slot would."""
-    checkpoint = None if resume is None else locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
-    run_dir = None if checkpoint is None else checkpoint.parent.parent
+    invocation after that many steps, with a checkpoint, as a job with a time slot would.
+    Under torchrun every rank calls this; rank 0 alone writes the run folder."""
     cfg.validate()
     check_encoder_names(cfg.model)
-    device = resolve_device(cfg.train.device)
+    dist, device = from_env(resolve_device(cfg.train.device), cfg.train.dist_timeout)
+    if cfg.train.batch_size % dist.world:
+        raise ConfigError(f"the effective batch {cfg.train.batch_size} does not split evenly over "
+                          f"{dist.world} ranks: choose a --batch-size that is a multiple of {dist.world}")
+    run_dir = _train(cfg, dist, device, resume, stop_after, generate_data, progress and dist.is_main)
+    shutdown(dist)
+    return run_dir
+
+
+def _resume_hint(run_dir: Path) -> str:
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return "no checkpoint was written yet"
+    return f"the last checkpoint, {latest}, is intact: continue with --resume latest"
+
+
+def _prepare_run(cfg: Config, dist: Dist, device: torch.device, resume: str | None,
+                 generate_data: bool) -> tuple[Path | None, Path, Cache]:
+    """(checkpoint to resume or None, run folder, cache); the folder work is rank 0's."""
+    checkpoint = run_dir = None
+    if dist.is_main:
+        if resume is not None:
+            checkpoint = locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
+            run_dir = checkpoint.parent.parent
+        cache = ensure_data(cfg.train.data, generate_data)
+        if cfg.train.eval_every:
+            from fastmsd.eval.zeroshot import load_zeroshot_set
+
+            load_zeroshot_set(cache)  # fail now, not after hours of training
+        if run_dir is None:
+            run_dir = new_run_dir(cfg)
+        else:
+            save_yaml(cfg, run_dir / CONFIG_FILE)
+    checkpoint, run_dir = dist.broadcast_object((checkpoint, run_dir), "the run set-up")
+    if not dist.is_main:
+        cfg.train.name = run_dir.name
+        cache = ensure_data(cfg.train.data, generate=False)
+    return checkpoint, run_dir, cache
+
+
+def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, stop_after: int | None,
+           generate_data: bool, progress: bool) -> Path:
     resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
         parse_size(cfg.train.gpu_mem)
-    cache = ensure_data(cfg.train.data, generate_data)
+    checkpoint, run_dir, cache = _prepare_run(cfg, dist, device, resume, generate_data)
     train_idx = cache.indices("train")
-    if cfg.train.eval_every:
-        from fastmsd.eval.zeroshot import load_zeroshot_set
-
-        load_zeroshot_set(cache)  # fail now, not after hours of training
-    if run_dir is None:
-        run_dir = new_run_dir(cfg)
-    else:
-        save_yaml(cfg, run_dir / CONFIG_FILE)
-    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir)
-    plan = plan_for_run(cfg, run_dir, device, len(tokenizer), progress)
+    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main)
+    # Rank 0 plans for its share of the effective batch; every rank runs that plan.
+    share = copy.deepcopy(cfg)
+    share.train.batch_size //= dist.world
+    plan = plan_for_run(share, run_dir, device, len(tokenizer), progress) if dist.is_main else None
+    plan = dist.broadcast_object(plan, "the plan broadcast")
     if plan is not None:
-        save_yaml(cfg, run_dir / CONFIG_FILE)
+        apply_plan(cfg, plan, device)
+        if dist.is_main:
+            save_yaml(cfg, run_dir / CONFIG_FILE)
+    elif cfg.train.gpu_mem is not None and device.type == "cuda" and not dist.is_main:
+        cap_cuda_memory(parse_size(cfg.train.gpu_mem), device)  # --no-plan: rank 0 capped itself
     padding = cfg.train.report_padding
     trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 
     torch.manual_seed(cfg.train.seed)
-    engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device)
-    images = build_loader(cfg, cache.image_paths(train_idx), device)
+    engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device, dist)
+    images = build_loader(cfg, cache.image_paths(train_idx), device, (dist.rank, dist.world))
+    # Every rank walks the same global shuffle and takes its own slice of each effective batch.
     stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)
+    n_local = cfg.train.batch_size // dist.world
+    mine = slice(dist.rank * n_local, (dist.rank + 1) * n_local)
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
         stream.load_state_dict(state.pop("data"))
         engine.load_state_dict(state)
         engine.refresh_shadow()
-        print(f"resumed {checkpoint} at step {engine.step}")
+        if dist.is_main:
+            print(f"resumed {checkpoint} at step {engine.step}")
 
     t = cfg.train
     last = t.steps if stop_after is None else min(t.steps, engine.step + stop_after)
-    logger = Logger(run_dir)
+    logger = Logger(run_dir) if dist.is_main else None
     bar = tqdm(total=t.steps, initial=engine.step, desc=f"train {run_dir.name}", unit="step",
                disable=not progress, dynamic_ncols=True)
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
     try:
         while engine.step < last:
-            idx = stream.next()
+            idx = stream.next()[mine]
             ids, mask = input_ids[idx], attention_mask[idx]
             if trim:
                 ids, mask = trim_reports(ids, mask)
             try:
-                batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()),
+                batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()[mine]),
                               to_device(ids.long(), device, t.pin_memory),
                               to_device(mask, device, t.pin_memory))
                 loss, grad_norm = engine.train_step(batch)
@@ -265,31 +313,37 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
             bar.update(1)
             if engine.step % t.log_every == 0 or engine.step == last:
                 # The only host syncs of the loop: once per log interval.
-                elapsed = time.perf_counter() - window_start
+                dist.all_reduce_sum_([window_loss], "the loss all-reduce")
                 metrics = {
                     "loss": window_loss.item() / window_steps,
                     "grad_norm": float(grad_norm),
                     "lr": engine.scheduler.get_last_lr()[0],
                     "tau": engine.model.tau.item(),
                     "alpha": engine.alpha,
-                    "img_per_s": window_steps * t.batch_size / elapsed,
+                    "img_per_s": window_steps * t.batch_size / (time.perf_counter() - window_start),
                     "memory_bytes": _memory_in_use(device),
                     "ring_n_valid": engine.rings.n_valid,
                 }
-                logger.log(engine.step, metrics)
+                if logger is not None:
+                    logger.log(engine.step, metrics)
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['img_per_s']:.0f}",
                                 mem=format_size(metrics["memory_bytes"]))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
-            if t.eval_every and engine.step % t.eval_every == 0:
+            if t.eval_every and engine.step % t.eval_every == 0 and logger is not None:
                 logger.log(engine.step, periodic_eval(engine, tokenizer, cache, cfg, run_dir))
             if engine.step % t.save_every == 0 or engine.step == last:
-                save_checkpoint(run_dir, engine.step, engine.model, engine.rings,
-                                {**engine.state_dict(), "data": stream.state_dict()}, t.keep_last)
+                engine.check_in_sync()
+                state = {**engine.state_dict(), "data": stream.state_dict()}
+                if dist.is_main:
+                    save_checkpoint(run_dir, engine.step, engine.model, engine.rings, state, t.keep_last)
+    except RankLost as err:
+        raise RankLost(f"{err}; {_resume_hint(run_dir)} (restart every rank)") from None
     finally:
         bar.close()
-        logger.close()
-    if t.eval_at_end and engine.step == t.steps:
+        if logger is not None:
+            logger.close()
+    if t.eval_at_end and engine.step == t.steps and dist.is_main:
         from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
 
         try:

@@ -60,13 +60,17 @@ def to_model_input(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.expand(-1, in_chans, -1, -1) if in_chans != x.shape[1] else x
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256) -> torch.Tensor:
+def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256,
+            shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """Random scale crop (0.8-1 of the side), rotation (+-5 degrees), shift, brightness and
-    contrast, batched; returns float [0, 1]. No flips: laterality is written in the reports."""
+    contrast, batched; returns float [0, 1]. No flips: laterality is written in the reports.
+    ``shard`` = (rank, world): ``images`` are that rank's share of an effective batch, and get
+    the draws the whole batch would give those rows in one process."""
     n = images.shape[0]
+    rank, world = shard
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(n, generator=generator)
+        return lo + (hi - lo) * torch.rand(n * world, generator=generator)[rank * n : (rank + 1) * n]
 
     angle = uniform(-5.0, 5.0) * math.pi / 180.0
     scale = uniform(0.8, 1.0)
@@ -147,14 +151,15 @@ class MemoryImages:
     """The whole split decoded once into host memory at training resolution (uint8)."""
 
     def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int,
-                 pin_memory: bool = True):
+                 pin_memory: bool = True, shard: tuple[int, int] = (0, 1)):
         self.images = load_images(paths, size)
         self.in_chans, self.device, self.seed, self.pin = in_chans, device, seed, pin_memory
+        self.shard = shard
 
     def batch(self, idx: torch.Tensor, step: int, prefetch: torch.Tensor | None = None) -> torch.Tensor:
         # uint8 pixels travel (4x fewer bytes than float) and are augmented on the device.
         images = to_device(self.images[idx], self.device, self.pin)
-        return normalize_(augment(images, step_generator(self.seed, step)), self.in_chans)
+        return normalize_(augment(images, step_generator(self.seed, step), shard=self.shard), self.in_chans)
 
 
 class StreamImages:
@@ -162,9 +167,9 @@ class StreamImages:
     batched JPEG decoder on a CUDA device; the next batch is decoded while this one trains."""
 
     def __init__(self, paths: Sequence[Path], size: int, in_chans: int, device: torch.device, seed: int,
-                 workers: int = 2, pin_memory: bool = True):
+                 workers: int = 2, pin_memory: bool = True, shard: tuple[int, int] = (0, 1)):
         self.paths, self.size, self.in_chans = list(paths), size, in_chans
-        self.device, self.seed, self.pin = device, seed, pin_memory
+        self.device, self.seed, self.pin, self.shard = device, seed, pin_memory, shard
         self.pool = ThreadPoolExecutor(max_workers=workers)
         self._ahead: tuple[torch.Tensor, object] | None = None
 
@@ -187,7 +192,7 @@ class StreamImages:
             images = self.decode(idx)
         self._ahead = None if prefetch is None else (prefetch, self.pool.submit(self.decode, prefetch))
         images = to_device(images, self.device, self.pin)
-        return normalize_(augment(images, step_generator(self.seed, step)), self.in_chans)
+        return normalize_(augment(images, step_generator(self.seed, step), shard=self.shard), self.in_chans)
 
 
 def _resize_crop(img: torch.Tensor, size: int) -> torch.Tensor:

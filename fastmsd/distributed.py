@@ -1,0 +1,130 @@
+"""torch.distributed for training on several processes (torchrun): who computes what.
+
+The semantics are those of one process: every rank embeds the keys of its share of the
+effective batch, the keys are all-gathered so that each rank writes the same block into its own
+identical rings, each rank trains its rows against the full ring, and the summed gradients are
+all-reduced once per optimizer step.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fastmsd.config import ConfigError
+
+
+class RankLost(ConfigError):
+    """A collective failed: another rank died, or stalled past the timeout."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the job; world 1 (the default) is a plain single process."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    timeout_s: float = 600.0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def _guard(self, what: str, run):
+        try:
+            return run()
+        except RuntimeError as err:  # DistBackendError and gloo's connection errors
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            stalled = f"a rank died, or stalled past --dist-timeout {self.timeout_s:g} s"
+            raise RankLost(f"rank {self.rank} of {self.world} lost contact with the others during {what} "
+                           f"({stalled}): {first}") from None
+
+    def all_gather(self, t: torch.Tensor, what: str = "all-gather") -> torch.Tensor:
+        """Every rank's ``t`` (equal shapes), concatenated along dim 0 in rank order."""
+        if not self.active:
+            return t
+        out = torch.empty((self.world * t.shape[0], *t.shape[1:]), dtype=t.dtype, device=t.device)
+        self._guard(what, lambda: dist.all_gather_into_tensor(out, t.contiguous()))
+        return out
+
+    def all_reduce_sum_(self, tensors: list[torch.Tensor], what: str = "all-reduce") -> None:
+        """Sum ``tensors`` over the ranks in place, in one collective over a flat copy."""
+        if not self.active or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        self._guard(what, lambda: dist.all_reduce(flat))
+        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
+            t.copy_(part.view_as(t))
+
+    def broadcast_(self, tensor: torch.Tensor, what: str = "broadcast") -> None:
+        if self.active:
+            self._guard(what, lambda: dist.broadcast(tensor, 0))
+
+    def broadcast_object(self, obj=None, what: str = "broadcast"):
+        """Rank 0's ``obj`` on every rank."""
+        if not self.active:
+            return obj
+        box = [obj]
+        self._guard(what, lambda: dist.broadcast_object_list(box, 0))
+        return box[0]
+
+    def all_gather_object(self, obj, what: str = "all-gather") -> list:
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        self._guard(what, lambda: dist.all_gather_object(out, obj))
+        return out
+
+    def barrier(self, what: str = "barrier") -> None:
+        # A tiny all-reduce, not dist.barrier(): on NCCL that one needs the device set and on
+        # gloo it honours the timeout the same way, so one code path serves both.
+        if self.active:
+            self._guard(what, lambda: dist.all_reduce(torch.zeros(1, device=self._device())))
+
+    def _device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+
+
+def from_env(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
+    """The process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
+    NCCL on GPUs, gloo on the CPU; each rank on GPU LOCAL_RANK. Without torchrun: one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(timeout_s=timeout_s), device
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"LOCAL_RANK {local_rank}, but this node has {torch.cuda.device_count()} GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, world, local_rank, timeout_s), device
+
+
+def shutdown(d: Dist) -> None:
+    if d.active and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fingerprint(*tensors: torch.Tensor) -> bytes:
+    """Exact bytes of small summaries of ``tensors``: equal on every rank iff nothing diverged
+    (up to the summaries' power, which catches any realistic divergence)."""
+    parts = []
+    for t in tensors:
+        flat = t.detach().double().reshape(-1)
+        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
+        parts.append((flat.sum().item(), (flat * weights).sum().item()))
+    return pickle.dumps(parts)
