@@ -85,16 +85,6 @@ class Dist:
         self._guard(what, lambda: dist.all_gather_object(out, obj))
         return out
 
-    def barrier(self, what: str = "barrier") -> None:
-        # A tiny all-reduce, not dist.barrier(): on NCCL that one needs the device set and on
-        # gloo it honours the timeout the same way, so one code path serves both.
-        if self.active:
-            self._guard(what, lambda: dist.all_reduce(torch.zeros(1, device=self._device())))
-
-    def _device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-            else torch.device("cpu")
-
 
 def from_env(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device]:
     """The process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):

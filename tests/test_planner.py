@@ -210,3 +210,42 @@ def test_gpu_mem_has_no_effect_on_the_cpu(tmp_path, capsys):
     assert plan_for_run(cfg, tmp_path, torch.device("cpu"), 200) is None
     assert "no effect" in capsys.readouterr().out
     assert not (tmp_path / "plan.json").exists()
+
+
+def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypatch, capsys):
+    """The run-level path with a faked 16 GiB GPU: plan, cache, apply, cap; then reuse."""
+    import types
+
+    import torch
+
+    import fastmsd.memory as memory
+
+    built, caps = [], []
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(name="Fake GPU", total_memory=16 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: caps.append(f))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(memory, "StepProbe", lambda cfg, vocab, device: built.append(vocab) or FakeProbe())
+    device = torch.device("cuda")
+
+    cfg = micro_config(batch_size=4096, queue_size=4096, gpu_mem="12G", checkpointing="none")
+    plan = plan_for_run(cfg, tmp_path, device, vocab_size=300, progress=False)
+    assert built == [300] and caps == [0.75]  # probed once (at the larger vocabulary), then capped
+    assert (cfg.train.micro_batch_size, cfg.train.key_chunk, cfg.train.checkpointing) == \
+        (plan.micro_batch_size, plan.key_chunk, plan.checkpointing)
+    assert "planning for 12.0 GiB on Fake GPU" in capsys.readouterr().out
+
+    again = micro_config(batch_size=4096, queue_size=4096, gpu_mem="12G")
+    assert plan_for_run(again, tmp_path, device, vocab_size=300, progress=False) == plan
+    assert built == [300] and "(cached)" in capsys.readouterr().out
+    assert again.train.micro_batch_size == plan.micro_batch_size
+
+    # Another budget is another plan; --no-plan only caps.
+    smaller = micro_config(batch_size=4096, queue_size=4096, gpu_mem="4G")
+    assert plan_for_run(smaller, tmp_path, device, vocab_size=300, progress=False).budget_bytes == 4 * 2**30
+    assert len(built) == 2
+    manual = micro_config(batch_size=4096, queue_size=4096, gpu_mem="8G", plan=False, micro_batch_size=7)
+    assert plan_for_run(manual, tmp_path, device, vocab_size=300, progress=False) is None
+    assert manual.train.micro_batch_size == 7 and caps[-1] == 0.5 and len(built) == 2
+    with pytest.raises(ConfigError, match="exceeds"):
+        plan_for_run(micro_config(gpu_mem="20G"), tmp_path, device, vocab_size=300, progress=False)
