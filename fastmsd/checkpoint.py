@@ -33,8 +33,9 @@ def _fsync(path: Path) -> None:
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    # Parameters are views of one flat buffer; safetensors refuses shared storage, so copy.
-    return {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+    # Parameters are views of one flat buffer; safetensors refuses shared storage, so copy, to
+    # host memory: a device copy of the model would need GPU memory that no plan counted.
+    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
 def save_checkpoint(run_dir: str | Path, step: int, model: nn.Module, rings: Rings,

@@ -18,6 +18,9 @@ import torch.distributed as dist
 
 from fastmsd.config import ConfigError
 
+# DDP's default bucket is 25 MiB; larger ones amortise a collective's latency over more bytes.
+BUCKET_ELEMENTS = 2**24  # 64 MiB of fp32
+
 
 class RankLost(ConfigError):
     """A collective failed: another rank died, or stalled past the timeout."""
@@ -43,7 +46,9 @@ class Dist:
     def _guard(self, what: str, run):
         try:
             return run()
-        except RuntimeError as err:  # DistBackendError and gloo's connection errors
+        except torch.OutOfMemoryError:
+            raise  # not a lost rank: the out-of-memory report applies
+        except RuntimeError as err:  # DistBackendError, DistNetworkError, gloo's connection errors
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             stalled = f"a rank died, or stalled past --dist-timeout {self.timeout_s:g} s"
             raise RankLost(f"rank {self.rank} of {self.world} lost contact with the others during {what} "
@@ -58,13 +63,41 @@ class Dist:
         return out
 
     def all_reduce_sum_(self, tensors: list[torch.Tensor], what: str = "all-reduce") -> None:
-        """Sum ``tensors`` over the ranks in place, in one collective over a flat copy."""
-        if not self.active or not tensors:
+        """Sum ``tensors`` over the ranks in place: one collective per bucket of about
+        BUCKET_ELEMENTS (a flat copy of all gradients at once would cost 4 bytes a parameter)."""
+        if not self.active:
             return
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        self._guard(what, lambda: dist.all_reduce(flat))
-        for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
-            t.copy_(part.view_as(t))
+        buckets: list[list[torch.Tensor]] = [[]]
+        size = 0
+        for t in tensors:
+            if buckets[-1] and size + t.numel() > BUCKET_ELEMENTS:
+                buckets.append([])
+                size = 0
+            buckets[-1].append(t)
+            size += t.numel()
+        for bucket in filter(None, buckets):
+            flat = torch.cat([b.reshape(-1) for b in bucket])
+            self._guard(what, lambda f=flat: dist.all_reduce(f))
+            for b, part in zip(bucket, flat.split([b.numel() for b in bucket]), strict=True):
+                b.copy_(part.view_as(b))
+
+    def on_main(self, fn, what: str):
+        """``fn()`` run by rank 0, its result on every rank; an error there stops every rank
+        at once with its message (instead of leaving them waiting for the timeout)."""
+        if not self.active:
+            return fn()
+        if not self.is_main:
+            status, value = self.broadcast_object(None, what)
+            if status == "error":
+                raise ConfigError(f"rank 0 stopped during {what}: {value}")
+            return value
+        try:
+            result = fn()
+        except Exception as err:
+            self.broadcast_object(("error", str(err)), what)
+            raise
+        self.broadcast_object(("ok", result), what)
+        return result
 
     def broadcast_(self, tensor: torch.Tensor, what: str = "broadcast") -> None:
         if self.active:
@@ -109,12 +142,17 @@ def shutdown(d: Dist) -> None:
         dist.destroy_process_group()
 
 
-def fingerprint(*tensors: torch.Tensor) -> bytes:
-    """Exact bytes of small summaries of ``tensors``: equal on every rank iff nothing diverged
-    (up to the summaries' power, which catches any realistic divergence)."""
+def fingerprint(*tensors: torch.Tensor, chunk: int = 2**22) -> bytes:
+    """Exact bytes of two float64 summaries of each tensor (its sum, and a position-weighted
+    sum, so that swapped rows show), computed in chunks so that no full-size copy is made."""
     parts = []
     for t in tensors:
-        flat = t.detach().double().reshape(-1)
-        weights = torch.arange(1, flat.numel() + 1, dtype=torch.float64, device=flat.device)
-        parts.append((flat.sum().item(), (flat * weights).sum().item()))
+        flat = t.detach().reshape(-1)
+        sums = torch.zeros(2, dtype=torch.float64, device=flat.device)
+        for start in range(0, flat.numel(), chunk):
+            part = flat[start : start + chunk].double()
+            position = torch.arange(start + 1, start + 1 + part.numel(), dtype=torch.float64,
+                                    device=part.device)
+            sums += torch.stack([part.sum(), (part * position).sum()])
+        parts.append(tuple(sums.tolist()))
     return pickle.dumps(parts)

@@ -243,7 +243,7 @@ class Engine:
         }
         if self.device.type == "cuda":
             state["rng_cuda"] = torch.cuda.get_rng_state(self.device)
-        if self.dist.active:  # each rank's own streams (dropout differs per rank)
+        if self.dist.active:  # each rank's own streams (each draws its own dropout)
             state["rng_by_rank"] = self.dist.all_gather_object(
                 {k: state[k] for k in ("rng_cpu", "rng_cuda") if k in state}, "the RNG-state gather")
         return state

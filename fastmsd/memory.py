@@ -47,6 +47,9 @@ def cap_cuda_memory(budget: int, device) -> float:
     small one; returns the fraction of the device set."""
     import torch
 
+    device = torch.device(device)
+    if device.index is None:  # torch's setter refuses a bare "cuda"
+        device = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(device).total_memory
     if budget > total:
         raise ConfigError(
@@ -110,10 +113,11 @@ class Plan:
 
     def describe(self) -> str:
         return (f"plan for {format_size(self.budget_bytes)} on {self.device}: micro-batch "
-                f"{self.micro_batch_size} x {self.accumulation_steps} accumulation steps (effective "
-                f"batch {self.batch_size}), checkpointing {self.checkpointing}, keys in chunks of "
-                f"{self.key_chunk}; measured peak {format_size(self.peak_bytes)} of "
-                f"{format_size(self.usable_bytes)} usable, about {self.img_per_s:,.0f} img/s")
+                f"{self.micro_batch_size} x {self.accumulation_steps} accumulation steps for "
+                f"{self.batch_size} rows a step (per rank under torchrun), checkpointing "
+                f"{self.checkpointing}, keys in chunks of {self.key_chunk}; measured peak "
+                f"{format_size(self.peak_bytes)} of {format_size(self.usable_bytes)} usable, "
+                f"about {self.img_per_s:,.0f} img/s")
 
 
 def _sizes(limit: int) -> list[int]:
@@ -204,7 +208,7 @@ def plan_key(cfg, device_name: str, device_bytes: int, budget: int) -> dict:
     import torch
 
     m, t = cfg.model, cfg.train
-    return {
+    key = {
         "model": {k: getattr(m, k) for k in ("image_encoder", "image_encoder_args", "image_size", "in_chans",
                                              "text_encoder", "text_encoder_args", "max_len", "embed_dim")},
         "vocab_size": cfg.model.vocab_size,
@@ -216,6 +220,7 @@ def plan_key(cfg, device_name: str, device_bytes: int, budget: int) -> dict:
                                             "dot_precision", "fused_adamw", "sdpa", "bf16_teacher")},
         "torch": torch.__version__,
     }
+    return json.loads(json.dumps(key))  # as it reads back from plan.json (tuples become lists)
 
 
 def cached_plan(run_dir: Path, key: dict, make: Callable[[], Plan]) -> tuple[Plan, bool]:

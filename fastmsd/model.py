@@ -159,13 +159,21 @@ class MSDModel(nn.Module):
 
 
 def checkpoint_units(encoder: nn.Module) -> list[nn.Module]:
-    """The encoder's repeated blocks: the first container, in module order, whose children
-    are all of one class (ViT ``blocks``, ConvNeXt ``stages``, BERT ``encoder.layer``)."""
-    for module in encoder.modules():
-        if isinstance(module, (nn.Sequential, nn.ModuleList)) and len(module) \
-                and len({_base_class(child) for child in module}) == 1:
-            return list(module)
-    return []
+    """The encoder's repeated blocks, in order: the children of each outermost container whose
+    children are composite modules of one class (ViT ``blocks``, ConvNeXt ``stages``, ResNet
+    ``layer1`` .. ``layer4``, BERT ``encoder.layer``)."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, (nn.Sequential, nn.ModuleList)) and len(child) \
+                    and len({_base_class(c) for c in child}) == 1 and any(True for _ in child[0].children()):
+                units.extend(child)
+            else:
+                visit(child)
+
+    visit(encoder)
+    return units
 
 
 _CHECKPOINTED: dict[type, type] = {}
@@ -184,7 +192,10 @@ def _checkpointed_class(cls: type) -> type:
                 return checkpoint(cls.forward, self, *args, use_reentrant=False, **kwargs)
             return cls.forward(self, *args, **kwargs)
 
-        _CHECKPOINTED[cls] = type(f"Checkpointed{cls.__name__}", (cls,), {"forward": forward})
+        name = f"Checkpointed{cls.__name__}"
+        # A module-level name, so that pickle (torch.save of a module, spawned workers) finds it.
+        sub = type(name, (cls,), {"forward": forward, "__module__": __name__, "__qualname__": name})
+        globals()[name] = _CHECKPOINTED[cls] = sub
     return _CHECKPOINTED[cls]
 
 

@@ -38,11 +38,12 @@ MEMORY_LOADER_BYTES = 2 * 2**30
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name} requested but CUDA is not available")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {name} requested but CUDA is not available")
+        # An explicit index: the allocator cap and the planner's counters need one.
+        return torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     return device
 
 
@@ -226,11 +227,12 @@ def _resume_hint(run_dir: Path) -> str:
     return f"the last checkpoint, {latest}, is intact: continue with --resume latest"
 
 
-def _prepare_run(cfg: Config, dist: Dist, device: torch.device, resume: str | None,
+def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
                  generate_data: bool) -> tuple[Path | None, Path, Cache]:
     """(checkpoint to resume or None, run folder, cache); the folder work is rank 0's."""
-    checkpoint = run_dir = None
-    if dist.is_main:
+
+    def on_main() -> tuple[Path | None, Path]:
+        checkpoint = run_dir = None
         if resume is not None:
             checkpoint = locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
             run_dir = checkpoint.parent.parent
@@ -243,11 +245,11 @@ def _prepare_run(cfg: Config, dist: Dist, device: torch.device, resume: str | No
             run_dir = new_run_dir(cfg)
         else:
             save_yaml(cfg, run_dir / CONFIG_FILE)
-    checkpoint, run_dir = dist.broadcast_object((checkpoint, run_dir), "the run set-up")
-    if not dist.is_main:
-        cfg.train.name = run_dir.name
-        cache = ensure_data(cfg.train.data, generate=False)
-    return checkpoint, run_dir, cache
+        return checkpoint, run_dir
+
+    checkpoint, run_dir = dist.on_main(on_main, "the run set-up")
+    cfg.train.name = run_dir.name
+    return checkpoint, run_dir, ensure_data(cfg.train.data, generate=False)
 
 
 def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, stop_after: int | None,
@@ -255,14 +257,13 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
     resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
         parse_size(cfg.train.gpu_mem)
-    checkpoint, run_dir, cache = _prepare_run(cfg, dist, device, resume, generate_data)
+    checkpoint, run_dir, cache = _prepare_run(cfg, dist, resume, generate_data)
     train_idx = cache.indices("train")
     tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main)
     # Rank 0 plans for its share of the effective batch; every rank runs that plan.
     share = copy.deepcopy(cfg)
     share.train.batch_size //= dist.world
-    plan = plan_for_run(share, run_dir, device, len(tokenizer), progress) if dist.is_main else None
-    plan = dist.broadcast_object(plan, "the plan broadcast")
+    plan = dist.on_main(lambda: plan_for_run(share, run_dir, device, len(tokenizer), progress), "planning")
     if plan is not None:
         apply_plan(cfg, plan, device)
         if dist.is_main:
@@ -274,6 +275,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
 
     torch.manual_seed(cfg.train.seed)
     engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device, dist)
+    if dist.rank:  # dropout draws of its own for each rank (the weights are rank 0's)
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
     images = build_loader(cfg, cache.image_paths(train_idx), device, (dist.rank, dist.world))
     # Every rank walks the same global shuffle and takes its own slice of each effective batch.
     stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)

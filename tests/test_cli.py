@@ -102,10 +102,16 @@ def test_gpu_mem_caps_the_allocator(monkeypatch):
     calls = []
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(total_memory=16 * 2**30))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
-                        lambda fraction, device: calls.append((fraction, device)))
-    assert cap_cuda_memory(parse_size("12G"), "cuda:0") == 0.75
-    assert calls == [(0.75, "cuda:0")]
+    def set_fraction(fraction, device):
+        # torch's own check: the device needs an index (a bare "cuda" raises ValueError there).
+        assert device.index is not None
+        calls.append((fraction, str(device)))
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert cap_cuda_memory(parse_size("12G"), "cuda:1") == 0.75
+    assert cap_cuda_memory(parse_size("8G"), torch.device("cuda")) == 0.5
+    assert calls == [(0.75, "cuda:1"), (0.5, "cuda:0")]
     with pytest.raises(ConfigError, match="exceeds"):
         cap_cuda_memory(parse_size("20G"), "cuda:0")
 

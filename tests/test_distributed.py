@@ -100,29 +100,47 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_a_dead_rank_fails_the_others_fast(tmp_path, synth_cache):
-    """Rank 1 dies in step 3 (no launcher to clean up): rank 0 must stop with a clear error,
-    not hang, and the checkpoint of step 2 stays valid."""
+def spawn_ranks(args, timeout=240, **extra):
+    """Two ranks with torchrun's environment but no launcher watching them: what they do on
+    their own when something goes wrong. Returns [(returncode, stderr)] by rank."""
     port = _free_port()
-    args = _args(tmp_path, synth_cache, "dies", "--save-every", "2", "--dist-timeout", "60")
     procs = []
     for rank in (0, 1):
         env = _env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), FASTMSD_TEST_DIE_AT="1:2")
+                   MASTER_PORT=str(port), **extra)
         procs.append(subprocess.Popen([sys.executable, DRIVER, *args], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True))
-    start = time.monotonic()
     try:
-        _, err0 = procs[0].communicate(timeout=240)
-        procs[1].communicate(timeout=60)
+        errors = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errors, strict=True)]
     finally:
         for p in procs:
             p.kill()
-    assert procs[1].returncode == 17
-    assert procs[0].returncode == 2, err0[-3000:]
+
+
+def test_a_dead_rank_fails_the_others_fast(tmp_path, synth_cache):
+    """Rank 1 dies in step 3: rank 0 must stop with a clear error, not hang, and the checkpoint
+    of step 2 stays valid."""
+    args = _args(tmp_path, synth_cache, "dies", "--save-every", "2", "--dist-timeout", "60")
+    start = time.monotonic()
+    (code0, err0), (code1, _) = spawn_ranks(args, FASTMSD_TEST_DIE_AT="1:2")
     assert time.monotonic() - start < 240
+    assert code1 == 17
+    assert code0 == 2, err0[-3000:]
     message = err0.strip().splitlines()[-1]
     assert "rank 0 of 2 lost contact" in message and "--resume latest" in message
     last = tmp_path / "runs" / "dies" / "checkpoints" / "step_00000002"
     assert str(last) in message
     assert ckpt.latest_checkpoint(tmp_path / "runs" / "dies") == last and ckpt.is_complete(last)
+
+
+def test_an_error_on_rank_0_stops_every_rank_at_once(two_ranks, synth_cache):
+    """The run exists already: rank 0 refuses, and rank 1 hears why instead of waiting out the
+    timeout in the next collective."""
+    tmp, _ = two_ranks
+    start = time.monotonic()
+    (code0, err0), (code1, err1) = spawn_ranks(_args(tmp, synth_cache, "two"))
+    assert time.monotonic() - start < 120
+    assert code0 == code1 == 2, (err0[-2000:], err1[-2000:])
+    assert "already exists" in err0.strip().splitlines()[-1]
+    assert "rank 0 stopped during the run set-up" in err1 and "already exists" in err1

@@ -15,6 +15,7 @@ from fastmsd.model import (
     build_text_encoder,
     checkpoint_units,
     checkpointed_blocks,
+    set_block_checkpointing,
 )
 from tests.conftest import micro_config
 
@@ -122,3 +123,21 @@ def test_base_preset_is_vit_b16_and_bert_base():
     assert checkpointed_blocks(model.student.text_encoder) == [True, False, False] * 4
     # The swapped class keeps the parameter names that checkpoints and flat buffers rely on.
     assert model.state_dict().keys() == build_model(cfg, vocab_size=30522).state_dict().keys()
+
+
+def test_checkpoint_units_cover_every_stage_and_pickle():
+    import io
+
+    import timm
+
+    resnet = timm.create_model("resnet18", num_classes=0)
+    units = checkpoint_units(resnet)
+    assert len(units) == 8  # layer1 .. layer4, two blocks each: not just the first container
+    set_block_checkpointing(resnet, 1)
+    assert all(checkpointed_blocks(resnet))
+    buffer = io.BytesIO()
+    torch.save(resnet, buffer)  # the checkpointed classes have importable names
+    buffer.seek(0)
+    assert all(checkpointed_blocks(torch.load(buffer, weights_only=False)))
+    set_block_checkpointing(resnet, 0)
+    assert not any(checkpointed_blocks(resnet)) and len(checkpoint_units(resnet)) == 8

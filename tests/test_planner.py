@@ -223,7 +223,12 @@ def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypat
     built, caps = [], []
     monkeypatch.setattr(torch.cuda, "get_device_properties",
                         lambda device: types.SimpleNamespace(name="Fake GPU", total_memory=16 * 2**30))
-    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, device: caps.append(f))
+    def set_fraction(fraction, device):
+        assert device.index is not None  # torch refuses a bare "cuda" here
+        caps.append(fraction)
+
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", set_fraction)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(memory, "StepProbe", lambda cfg, vocab, device: built.append(vocab) or FakeProbe())
     device = torch.device("cuda")
