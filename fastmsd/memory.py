@@ -70,6 +70,8 @@ CHECKPOINT_EVERY = (0, 2, 1)
 # Past this the keys phase (forward only) runs no faster; it only holds more memory.
 MAX_KEY_CHUNK = 1024
 PLAN_FILE = "plan.json"
+# How far past the card's reported size --gpu-mem may go (a "12 GB" card reports ~11.8 GiB).
+BUDGET_SLACK = 0.05
 
 
 class OutOfMemory(Exception):
@@ -336,6 +338,25 @@ class StepProbe:
                 p.grad = torch.zeros_like(p)
 
 
+def available_budget(budget: int, device) -> int:
+    """What of ``budget`` this process can really hold on ``device``. A "12 GB" card reports a
+    little under 12 GiB and its CUDA context and other processes hold part of that, so
+    ``--gpu-mem 12G`` there means what is free (rounded down to 256 MiB, so that a cached plan
+    is found again); a budget well beyond the card is an error, not a guess."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    if budget > total * (1 + BUDGET_SLACK):
+        raise ConfigError(f"--gpu-mem {format_size(budget)} exceeds the {format_size(total)} of "
+                          f"{torch.cuda.get_device_name(device)}")
+    available = (free + torch.cuda.memory_reserved(device)) // 2**28 * 2**28
+    if budget <= available:
+        return budget
+    print(f"note: --gpu-mem {format_size(budget)}: {format_size(available)} is free on this GPU (the CUDA "
+          f"context and other processes hold the rest); planning for {format_size(available)}")
+    return available
+
+
 def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool = True) -> Plan | None:
     """Apply ``--gpu-mem``: on a GPU, the plan (cached in ``cache_dir``) sets the micro-batch,
     checkpointing and key chunk of ``cfg``, then the allocator is capped at the budget. The
@@ -352,9 +373,7 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
         print(f"note: --gpu-mem {t.gpu_mem} has no effect on {device}")
         return None
     props = torch.cuda.get_device_properties(device)
-    if budget > props.total_memory:
-        raise ConfigError(f"--gpu-mem {format_size(budget)} exceeds the {format_size(props.total_memory)} "
-                          f"of {props.name}")
+    budget = available_budget(budget, device)
     if not t.plan:
         cap_cuda_memory(budget, device)
         return None

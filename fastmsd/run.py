@@ -27,7 +27,15 @@ from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_devi
 from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
 from fastmsd.distributed import Dist, RankLost, from_env, shutdown
 from fastmsd.engine import Batch, Engine, resolve_precision
-from fastmsd.memory import Plan, apply_plan, cap_cuda_memory, format_size, parse_size, plan_for_run
+from fastmsd.memory import (
+    Plan,
+    apply_plan,
+    available_budget,
+    cap_cuda_memory,
+    format_size,
+    parse_size,
+    plan_for_run,
+)
 from fastmsd.model import build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
@@ -269,7 +277,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
         if dist.is_main:
             save_yaml(cfg, run_dir / CONFIG_FILE)
     elif cfg.train.gpu_mem is not None and device.type == "cuda" and not dist.is_main:
-        cap_cuda_memory(parse_size(cfg.train.gpu_mem), device)  # --no-plan: rank 0 capped itself
+        # --no-plan: rank 0 capped itself in plan_for_run.
+        cap_cuda_memory(available_budget(parse_size(cfg.train.gpu_mem), device), device)
     padding = cfg.train.report_padding
     trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 

@@ -221,8 +221,12 @@ def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypat
     import fastmsd.memory as memory
 
     built, caps = [], []
+    card = {"total": 16 * 2**30, "free": 15 * 2**30}
     monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda device: types.SimpleNamespace(name="Fake GPU", total_memory=16 * 2**30))
+                        lambda device: types.SimpleNamespace(name="Fake GPU", total_memory=card["total"]))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (card["free"], card["total"]))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 0)
     def set_fraction(fraction, device):
         assert device.index is not None  # torch refuses a bare "cuda" here
         caps.append(fraction)
@@ -254,3 +258,12 @@ def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypat
     assert manual.train.micro_batch_size == 7 and caps[-1] == 0.5 and len(built) == 2
     with pytest.raises(ConfigError, match="exceeds"):
         plan_for_run(micro_config(gpu_mem="20G"), tmp_path, device, vocab_size=300, progress=False)
+
+    # A "12 GB" card: it reports 11.76 GiB, 11.3 GiB of it free. --gpu-mem 12G plans for what is free.
+    card.update(total=int(11.76 * 2**30), free=int(11.3 * 2**30))
+    capsys.readouterr()
+    consumer = micro_config(batch_size=4096, queue_size=4096, gpu_mem="12G")
+    plan = plan_for_run(consumer, tmp_path / "consumer", device, vocab_size=300, progress=False)
+    assert plan.budget_bytes == 45 * 2**28  # 11.25 GiB: the free memory, in 256 MiB steps
+    assert "11.2 GiB is free on this GPU" in capsys.readouterr().out
+    assert caps[-1] == pytest.approx(11.25 / 11.76, rel=1e-3)
