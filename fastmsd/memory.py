@@ -312,7 +312,10 @@ class StepProbe:
             seconds = (time.perf_counter() - start) / self.repeats
             return Measurement(self.meter.peak(), seconds)
         except torch.OutOfMemoryError as err:
-            raise OutOfMemory(str(err)) from None
+            message = str(err)
+        # Raised outside the handler: the CUDA error's traceback (and the activations its frames
+        # hold) must not ride along as the new exception's context into the next probe.
+        raise OutOfMemory(message)
 
     def micro(self, micro_batch: int, image_every: int, text_every: int) -> Measurement:
         engine = self.engine

@@ -191,6 +191,8 @@ class CountingMeter:
 
 
 def test_real_probe_runs_real_steps_on_the_cpu():
+    import torch
+
     cfg = micro_config(batch_size=32, queue_size=64)
     meter = CountingMeter()
     probe = StepProbe(cfg, cfg.model.vocab_size, "cpu", meter=meter, repeats=1)
@@ -201,6 +203,14 @@ def test_real_probe_runs_real_steps_on_the_cpu():
     plan = make_plan(probe, batch_size=32, budget=2000 * MiB, device="cpu", progress=False)
     assert plan.micro_batch_size in _sizes(32) and plan.key_chunk in _sizes(32)
     assert meter.resets > 5
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    probe.engine.micro_batch_loss = out_of_memory
+    with pytest.raises(OutOfMemory, match="9.00 GiB") as err:
+        probe.micro(32, 0, 0)
+    assert err.value.__context__ is None  # nothing of the failed step kept alive
 
 
 def test_gpu_mem_has_no_effect_on_the_cpu(tmp_path, capsys):
