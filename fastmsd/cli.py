@@ -71,8 +71,9 @@ def _step_options(p: argparse.ArgumentParser, gpu_mem_required: bool = False) ->
     p.add_argument("--gpu-mem", required=gpu_mem_required,
                    help="GPU memory budget, e.g. 12G, 12GiB, 12000MiB: the allocator is capped there "
                         "and the planner picks micro-batch, checkpointing and key chunk")
-    p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --gpu-mem, let the planner choose (default) or only cap the allocator")
+    if not gpu_mem_required:  # `fastmsd plan` always plans
+        p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
+                       help="with --gpu-mem, let the planner choose (default) or only cap the allocator")
     p.add_argument("--batch-size", type=int, help="effective batch N")
     p.add_argument("--queue-size", type=int, help="ring capacity Q (>= N)")
     p.add_argument("--accum-mode", choices=["exact", "naive"])
@@ -240,7 +241,7 @@ def _plan(args: argparse.Namespace) -> None:
     device = resolve_device(cfg.train.device)
     if device.type != "cuda":
         raise ConfigError(f"fastmsd plan measures real steps on a CUDA device; {device} has no GPU budget")
-    cfg.train.plan = True
+    cfg.train.plan = True  # even if a --config says plan: false
     runs = Path(cfg.train.runs_dir)
     if cfg.train.name is not None:
         cache_dir = runs / cfg.train.name
