@@ -25,8 +25,8 @@ import torch
 
 from bench.common import NOT_MEASURED, bench_parser, environment, profile, report
 from fastmsd.config import Config, preset
-from fastmsd.engine import Batch, Engine
-from fastmsd.memory import StepProbe, cap_cuda_memory, format_size, make_plan, parse_size
+from fastmsd.engine import Engine
+from fastmsd.memory import cap_cuda_memory, fill_rings, format_size, parse_size, probe_plan, synthetic_batch
 from fastmsd.model import build_model
 
 
@@ -42,27 +42,10 @@ def path_config(base: Config, path: str) -> Config:
     return cfg
 
 
-def synthetic_batch(cfg: Config, device: torch.device) -> Batch:
-    """One effective batch as the loaders hand it over: float images, full-length reports."""
-    m, n = cfg.model, cfg.train.batch_size
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(n, 1, m.image_size, m.image_size, generator=g).to(device)
-    return Batch(images.expand(-1, m.in_chans, -1, -1),
-                 torch.randint(0, m.vocab_size, (n, m.max_len), generator=g).to(device),
-                 torch.ones(n, m.max_len, dtype=torch.bool, device=device))
-
-
 def choose_sizes(cfg: Config, path: str, budget: int, device: torch.device) -> str:
     """Micro-batch, checkpointing and key chunk for this path under the budget (GPU)."""
-    probe = StepProbe(cfg, cfg.model.vocab_size, device)
-    try:
-        plan = make_plan(probe, batch_size=cfg.train.batch_size, budget=budget,
-                         device=torch.cuda.get_device_name(device),
-                         policies=None if path == "fast" else [(0, 0)])
-    finally:
-        del probe
-        gc.collect()
-        torch.cuda.empty_cache()
+    plan = probe_plan(cfg, cfg.model.vocab_size, device, budget,
+                      policies=None if path == "fast" else [(0, 0)])
     t = cfg.train
     t.micro_batch_size, t.key_chunk = plan.micro_batch_size, plan.key_chunk
     t.checkpointing = plan.checkpointing
@@ -74,11 +57,8 @@ def measure(cfg: Config, device: torch.device, warmup: int, steps: int, profile_
     """Images/s over ``steps`` timed optimizer steps, and the allocator's peak (GPU)."""
     torch.manual_seed(0)
     engine = Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), device)
-    rings = engine.rings
-    for ring in (rings.img, rings.txt):
-        ring.copy_(torch.nn.functional.normalize(torch.randn(ring.shape, device=device), dim=-1))
-    rings.n_valid = rings.capacity
-    batch = synthetic_batch(cfg, device)
+    fill_rings(engine.rings)
+    batch = synthetic_batch(cfg, cfg.model.vocab_size, device)
 
     def sync() -> None:
         if device.type == "cuda":

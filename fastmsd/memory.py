@@ -263,6 +263,48 @@ class CudaMeter:
         return torch.cuda.max_memory_reserved(self.device)
 
 
+def synthetic_batch(cfg, vocab_size: int, device):
+    """One effective batch as the loaders hand it over, at its worst case: float images and
+    reports of full length."""
+    import torch
+
+    from fastmsd.engine import Batch
+
+    m, n = cfg.model, cfg.train.batch_size
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(n, 1, m.image_size, m.image_size, generator=g).to(device)
+    return Batch(images.expand(-1, m.in_chans, -1, -1),
+                 torch.randint(0, vocab_size, (n, m.max_len), generator=g).to(device),
+                 torch.ones(n, m.max_len, dtype=torch.bool, device=device))
+
+
+def fill_rings(rings) -> None:
+    """Rings full of unit keys: the steady state of a run, and the loss's largest work."""
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    for ring in (rings.img, rings.txt):
+        ring.copy_(torch.nn.functional.normalize(torch.randn(ring.shape, generator=g), dim=-1))
+    rings.n_valid = rings.capacity
+
+
+def probe_plan(cfg, vocab_size: int, device, budget: int, *, progress: bool = True,
+               policies: Sequence[tuple[int, int]] | None = None) -> Plan:
+    """``make_plan`` over real steps of ``cfg`` in a throwaway engine, freed afterwards."""
+    import gc
+
+    import torch
+
+    probe = StepProbe(cfg, vocab_size, device)
+    try:
+        return make_plan(probe, batch_size=cfg.train.batch_size, budget=budget,
+                         device=torch.cuda.get_device_name(device), progress=progress, policies=policies)
+    finally:
+        del probe
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 class StepProbe:
     """Real steps of the configured model on synthetic tensors, in a throwaway engine that holds
     what training holds: weights, momentum, bf16 shadow, gradients, AdamW state, full rings and
@@ -273,7 +315,7 @@ class StepProbe:
 
         import torch
 
-        from fastmsd.engine import Batch, Engine
+        from fastmsd.engine import Engine
         from fastmsd.model import build_model
 
         cfg = copy.deepcopy(cfg)
@@ -281,17 +323,8 @@ class StepProbe:
         self.device, self.repeats = torch.device(device), repeats
         self.meter = meter or CudaMeter(self.device)
         self.engine = Engine(cfg, build_model(cfg.model, vocab_size), self.device)
-        m, n = cfg.model, cfg.train.batch_size
-        g = torch.Generator().manual_seed(0)
-        # Full-length reports and full rings: the step's worst case.
-        self.batch = Batch(torch.randn(n, 1, m.image_size, m.image_size, generator=g).to(self.device)
-                           .expand(-1, m.in_chans, -1, -1),
-                           torch.randint(0, vocab_size, (n, m.max_len), generator=g).to(self.device),
-                           torch.ones(n, m.max_len, dtype=torch.bool, device=self.device))
-        rings = self.engine.rings
-        for ring in (rings.img, rings.txt):
-            ring.copy_(torch.nn.functional.normalize(torch.randn(ring.shape, generator=g), dim=-1))
-        rings.n_valid = rings.capacity
+        self.batch = synthetic_batch(cfg, vocab_size, self.device)
+        fill_rings(self.engine.rings)
         # One step allocates the AdamW state; gradients then stay allocated, as between the
         # micro-batches of a real step.
         self.engine.cfg.train.micro_batch_size = 1
@@ -364,8 +397,6 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
     """Apply ``--gpu-mem``: on a GPU, the plan (cached in ``cache_dir``) sets the micro-batch,
     checkpointing and key chunk of ``cfg``, then the allocator is capped at the budget. The
     probes run before the cap, so that they measure peaks above the budget instead of failing."""
-    import gc
-
     import torch
 
     t = cfg.train
@@ -384,14 +415,7 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
     def make() -> Plan:
         print(f"planning for {format_size(budget)} on {props.name}: probing real steps "
               f"(cached in {Path(cache_dir) / PLAN_FILE})")
-        probe = StepProbe(cfg, max(vocab_size, cfg.model.vocab_size), device)
-        try:
-            return make_plan(probe, batch_size=t.batch_size, budget=budget, device=props.name,
-                             progress=progress)
-        finally:
-            del probe
-            gc.collect()
-            torch.cuda.empty_cache()
+        return probe_plan(cfg, max(vocab_size, cfg.model.vocab_size), device, budget, progress=progress)
 
     plan, cached = cached_plan(cache_dir, plan_key(cfg, props.name, props.total_memory, budget), make)
     apply_plan(cfg, plan, device)
