@@ -238,8 +238,10 @@ def _resume_hint(run_dir: Path) -> str:
 def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
                  generate_data: bool) -> tuple[Path | None, Path, Cache]:
     """(checkpoint to resume or None, run folder, cache); the folder work is rank 0's."""
+    cache: Cache | None = None  # rank 0's, read once (other ranks read theirs below)
 
     def on_main() -> tuple[Path | None, Path]:
+        nonlocal cache
         checkpoint = run_dir = None
         if resume is not None:
             checkpoint = locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
@@ -257,7 +259,7 @@ def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
 
     checkpoint, run_dir = dist.on_main(on_main, "the run set-up")
     cfg.train.name = run_dir.name
-    return checkpoint, run_dir, ensure_data(cfg.train.data, generate=False)
+    return checkpoint, run_dir, cache or ensure_data(cfg.train.data, generate=False)
 
 
 def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, stop_after: int | None,
