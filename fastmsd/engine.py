@@ -144,13 +144,9 @@ class Engine:
             with self.autocast():
                 k_img = self.teacher.encode_image(part.images).float()
                 k_txt = self.teacher.encode_text(part.input_ids, part.attention_mask).float()
-            if self.dist.active:
-                parts.append(torch.cat([k_img, k_txt], 1))
-            else:
-                self.rings.write(offset + start, k_img, k_txt)
-        if self.dist.active:
-            keys = self.dist.all_gather(torch.cat(parts), "the keys all-gather")
-            self.rings.write(offset, *keys.split(k_img.shape[1], dim=1))
+            parts.append(torch.cat([k_img, k_txt], 1))
+        keys = self.dist.all_gather(torch.cat(parts), "the keys all-gather")
+        self.rings.write(offset, *keys.split(k_img.shape[1], dim=1))
 
     def micro_batch_loss(self, micro: Batch, offset: int, divisor: int, alpha: float) -> torch.Tensor:
         """Student rows ``offset ..`` of the effective batch against the whole ring."""
