@@ -7,8 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastmsd.config import ConfigError
-from fastmsd.kernels import interpreting
+from fastmsd.kernels import use_triton
 
 
 def flatten_parameters(module: nn.Module) -> torch.Tensor:
@@ -55,14 +54,8 @@ EMAFn = Callable[[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"], Non
 def select_ema(impl: str, device: torch.device) -> EMAFn:
     """The EMA for ``--ema-impl``: auto is the flat Triton kernel on CUDA and torch's lerp
     ("foreach": here one tensor, the flat buffer) elsewhere."""
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "foreach"
-    if impl == "foreach":
+    if not use_triton("--ema-impl", impl, device, "foreach"):
         return ema_update
-    if impl != "triton":
-        raise ConfigError(f"unknown --ema-impl {impl!r} (auto, triton or foreach)")
-    if device.type != "cuda" and not interpreting():
-        raise ConfigError(f"--ema-impl triton needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
     from fastmsd.kernels.ema import ema_update_
 
     return ema_update_

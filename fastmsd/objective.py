@@ -15,8 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastmsd.config import ConfigError
-from fastmsd.kernels import interpreting
+from fastmsd.kernels import use_triton
 
 
 def _check(
@@ -89,14 +88,8 @@ def msd_loss_reference(
 def select_loss(impl: str, device: torch.device, precision: str = "tf32") -> Callable[..., torch.Tensor]:
     """The loss function for ``--loss-impl``: auto is the fused Triton kernel on CUDA and this
     eager reference elsewhere; ``precision`` sets the kernel's fp32 dots (ieee, tf32, bf16)."""
-    if impl == "auto":
-        impl = "triton" if device.type == "cuda" else "eager"
-    if impl == "eager":
+    if not use_triton("--loss-impl", impl, device, "eager"):
         return msd_loss_reference
-    if impl != "triton":
-        raise ConfigError(f"unknown --loss-impl {impl!r} (auto, triton or eager)")
-    if device.type != "cuda" and not interpreting():
-        raise ConfigError(f"--loss-impl triton needs a CUDA device (or TRITON_INTERPRET=1), not {device}")
     from fastmsd.kernels.msd_loss import msd_loss
 
     return functools.partial(msd_loss, precision=precision)

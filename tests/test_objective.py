@@ -100,3 +100,22 @@ def test_bad_shapes_are_value_errors():
         msd_loss_reference(img, txt, img_m, txt_m, ring_img, ring_txt, pos, 0, 0.07, 0.4)
     with pytest.raises(ValueError, match="width"):
         msd_loss_reference(img[:, :4], txt, img_m, txt_m, ring_img, ring_txt, pos, 20, 0.07, 0.4)
+
+
+def test_loss_and_ema_selection(monkeypatch):
+    from fastmsd.config import ConfigError
+    from fastmsd.momentum import ema_update, select_ema
+    from fastmsd.objective import select_loss
+
+    cpu = torch.device("cpu")
+    assert select_loss("auto", cpu) is msd_loss_reference and select_loss("eager", cpu) is msd_loss_reference
+    assert select_ema("auto", cpu) is ema_update and select_ema("foreach", cpu) is ema_update
+    choices = ((select_loss, "--loss-impl", "eager"), (select_ema, "--ema-impl", "foreach"))
+    for select, option, eager in choices:
+        with pytest.raises(ConfigError, match=f"unknown {option} 'fused' \\(auto, triton or {eager}\\)"):
+            select("fused", cpu)
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        with pytest.raises(ConfigError, match=f"{option} triton needs a CUDA device"):
+            select("triton", cpu)
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert select("triton", cpu) not in (msd_loss_reference, ema_update)
