@@ -220,12 +220,15 @@ def train(cfg: Config, *, resume: str | None = None, stop_after: int | None = No
     cfg.validate()
     check_encoder_names(cfg.model)
     dist, device = from_env(resolve_device(cfg.train.device), cfg.train.dist_timeout)
-    if cfg.train.batch_size % dist.world:
-        raise ConfigError(f"the effective batch {cfg.train.batch_size} does not split evenly over "
-                          f"{dist.world} ranks: choose a --batch-size that is a multiple of {dist.world}")
-    run_dir = _train(cfg, dist, device, resume, stop_after, generate_data, progress and dist.is_main)
-    shutdown(dist)
-    return run_dir
+    try:
+        if cfg.train.batch_size % dist.world:
+            raise ConfigError(f"the effective batch {cfg.train.batch_size} does not split evenly over "
+                              f"{dist.world} ranks: choose a --batch-size that is a multiple of {dist.world}")
+        return _train(cfg, dist, device, resume, stop_after, generate_data, progress and dist.is_main)
+    finally:
+        # Also after an error: a gloo group left to the interpreter's exit can abort the process
+        # (SIGABRT) once its peers are gone, hiding the one-line error and its exit code.
+        shutdown(dist)
 
 
 def _resume_hint(run_dir: Path) -> str:
