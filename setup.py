@@ -6,9 +6,9 @@ setup(
     description="Medical vision-language pretraining with momentum self-distillation, tuned for small GPUs",
     python_requires=">=3.10",
     packages=["fastmsd", "fastmsd.data", "fastmsd.eval", "fastmsd.kernels"],
-    # kernels/ lives at the top of the repo but imports as fastmsd.kernels: a top-level
-    # package named `kernels` would collide with another project's.
-    package_dir={"fastmsd.kernels": "kernels"},
+    # kernels/ lives at the top of the repo and imports as fastmsd.kernels through the link
+    # fastmsd/kernels; it has no __init__.py, so it never shadows the `kernels` distribution that
+    # transformers imports (kernels/dispatch.py says why).
     package_data={"fastmsd.eval": ["prompts.yaml"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
@@ -31,7 +31,10 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data", "open-clip-torch", "scikit-learn"],
+        # `kernels` (Hugging Face's): tests/test_import_names.py proves our kernels/ folder never
+        # shadows it, whether or not transformers happens to depend on it.
+        "dev": ["pytest", "ruff", "pytest-benchmark", "pydicom-data", "open-clip-torch", "scikit-learn",
+                "kernels"],
         "dali": ["nvidia-dali-cuda120"],
     },
     entry_points={"console_scripts": ["fastmsd=fastmsd.cli:main"]},

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from fastmsd.kernels import use_triton
+from fastmsd.kernels.dispatch import use_triton
 
 
 def flatten_parameters(module: nn.Module) -> torch.Tensor:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from fastmsd.kernels import use_triton
+from fastmsd.kernels.dispatch import use_triton
 
 
 def _check(

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastmsd.kernels import interpreting
+from fastmsd.kernels.dispatch import interpreting
 
 PRECISIONS = ("ieee", "tf32", "bf16")
 MAX_DIM = 512

@@ -3,6 +3,12 @@
 On the CPU (the Triton interpreter) dots are exact fp32; bench/gpu_check.sh reruns this file on a
 GPU with FASTMSD_TEST_DEVICE=cuda, where the kernel runs its "ieee" fp32 dots, to the same
 tolerances.
+
+The kernel is held to the error that fp32 itself makes, not to one fixed number: at tau = 0.001
+the logits are about 1,000, so rounding alone moves a gradient by ~1e-5 relative, and how far
+depends on the CPU's float32 paths. Each comparison therefore also runs the eager fp32 reference
+on the same inputs and device, and allows the kernel FACTOR times its error against fp64, or
+FLOOR (sixteen fp32 epsilons) where the eager error happens to be tiny.
 """
 
 import pytest
@@ -15,6 +21,9 @@ from fastmsd.objective import msd_loss_reference
 from tests.conftest import TEST_DEVICE
 
 TOL = 1e-5
+FACTOR = 8.0
+FLOOR = 16 * torch.finfo(torch.float32).eps
+NAMES = ("loss", "d_img", "d_txt", "d_tau")
 
 
 def make_case(b, dim, q, n_valid, p, seed=0, dtype=torch.float32):
@@ -34,34 +43,45 @@ def make_case(b, dim, q, n_valid, p, seed=0, dtype=torch.float32):
     return tensors + [pos.to(TEST_DEVICE)]
 
 
-def run_both(case, n_valid, tau, alpha, divisor, **kw):
+def losses_and_grads(loss_fn, case, n_valid, tau, alpha, divisor, dtype=None, **kw):
+    """``loss_fn`` on ``case`` (cast to ``dtype``): the loss and its gradients for img, txt, tau."""
     img, txt, img_m, txt_m, ring_img, ring_txt, pos = case
-    a, b = img.clone().requires_grad_(), txt.clone().requires_grad_()
-    t = torch.tensor(tau, device=TEST_DEVICE, requires_grad=True)
-    loss = msd_loss(a, b, img_m, txt_m, ring_img, ring_txt, pos, n_valid, t, alpha, divisor,
-                    precision="ieee", **kw)
+    rows = [x.detach().to(dtype or x.dtype) for x in (img, txt, img_m, txt_m, ring_img, ring_txt)]
+    a, b = rows[0].clone().requires_grad_(), rows[1].clone().requires_grad_()
+    t = torch.tensor(tau, dtype=dtype or torch.float32, device=a.device, requires_grad=True)
+    loss = loss_fn(a, b, *rows[2:], pos.to(a.device), n_valid, t, alpha, divisor, **kw)
     loss.backward()
+    return [x.detach().cpu() for x in (loss, a.grad, b.grad, t.grad)]
 
-    def f64(x):
-        return x.detach().cpu().double()
 
-    ra, rb = f64(img).requires_grad_(), f64(txt).requires_grad_()
-    rt = torch.tensor(tau, dtype=torch.float64, requires_grad=True)
-    ref = msd_loss_reference(ra, rb, f64(img_m), f64(txt_m), f64(ring_img), f64(ring_txt), pos.cpu(),
-                             n_valid, rt, alpha, divisor)
-    ref.backward()
-    return [x.detach().cpu() for x in (loss, a.grad, b.grad, t.grad)], (ref, ra.grad, rb.grad, rt.grad)
+def run_kernel(case, n_valid, tau, alpha, divisor, loss_fn=msd_loss, **kw):
+    return losses_and_grads(loss_fn, case, n_valid, tau, alpha, divisor, precision="ieee", **kw)
+
+
+def references(case, n_valid, tau, alpha, divisor):
+    """The reference in fp64 (the truth) and in eager fp32 (the error fp32 itself makes)."""
+    want = losses_and_grads(msd_loss_reference, [x.cpu() for x in case], n_valid, tau, alpha, divisor,
+                            dtype=torch.float64)
+    fp32 = [x.float() if x.is_floating_point() else x for x in case]
+    return want, losses_and_grads(msd_loss_reference, fp32, n_valid, tau, alpha, divisor)
+
+
+def run_both(case, n_valid, tau, alpha, divisor, **kw):
+    """(kernel, fp64 reference, eager fp32 reference) on the same inputs."""
+    want, eager = references(case, n_valid, tau, alpha, divisor)
+    return run_kernel(case, n_valid, tau, alpha, divisor, **kw), want, eager
 
 
 def rel(x, y):
     return ((x.double() - y).norm() / y.norm()).item()
 
 
-def assert_matches(got, want, tol=TOL):
-    names = ("loss", "d_img", "d_txt", "d_tau")
-    for name, x, y in zip(names, got, want, strict=True):
+def assert_matches(got, want, eager):
+    """Each of loss, d_img, d_txt, d_tau within what fp32 allows (see the module docstring)."""
+    for name, x, y, e in zip(NAMES, got, want, eager, strict=True):
         assert torch.isfinite(x).all(), name
-        assert rel(x, y) <= tol, (name, rel(x, y))
+        bound = max(FLOOR, FACTOR * rel(e, y))
+        assert rel(x, y) <= bound, (name, rel(x, y), bound)
 
 
 # (b, D, Q, n_valid, p, alpha, tau, divisor, splits): every b, D, alpha and tau at least once;
@@ -83,16 +103,35 @@ CASES = [
 @pytest.mark.parametrize("b,dim,q,n_valid,p,alpha,tau,divisor,splits", CASES)
 def test_matches_fp64_reference(b, dim, q, n_valid, p, alpha, tau, divisor, splits):
     case = make_case(b, dim, q, n_valid, p, seed=b * 1000 + dim + q)
-    got, want = run_both(case, n_valid, tau, alpha, divisor, splits=splits)
-    assert_matches(got, want)
+    assert_matches(*run_both(case, n_valid, tau, alpha, divisor, splits=splits))
+
+
+def _scaled_logits(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, *rest, **kw):
+    return msd_loss(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau * (1 + 1e-4), *rest, **kw)
+
+
+def _dropped_column(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, *rest, **kw):
+    return msd_loss(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid - 1, *rest, **kw)
+
+
+@pytest.mark.parametrize("broken", [_scaled_logits, _dropped_column])
+@pytest.mark.parametrize("tau", [0.001, 0.07, 0.5])
+def test_the_tolerance_still_catches_a_broken_kernel(broken, tau):
+    """The fp32-relative bound is no blanket: a kernel whose logits are off by 1e-4 of their
+    scale, or which skips one of the 700 valid ring columns, fails it at every temperature."""
+    case = make_case(64, 256, 1000, 700, 600)  # positives at rows 600..663: the last valid row is a negative
+    want, eager = references(case, 700, tau, 0.4, 64)
+    assert_matches(run_kernel(case, 700, tau, 0.4, 64), want, eager)
+    with pytest.raises(AssertionError):
+        assert_matches(run_kernel(case, 700, tau, 0.4, 64, loss_fn=broken), want, eager)
 
 
 def test_block_shapes_do_not_change_the_result():
     case = make_case(17, 64, 500, 500, 490)
-    want = run_both(case, 500, 0.07, 0.4, 17)[1]
+    want, eager = references(case, 500, 0.07, 0.4, 17)
     for block_m, block_n in ((16, 16), (64, 32), (32, 128)):
-        got = run_both(case, 500, 0.07, 0.4, 17, block_m=block_m, block_n=block_n, splits=3)[0]
-        assert_matches(got, want)
+        got = run_kernel(case, 500, 0.07, 0.4, 17, block_m=block_m, block_n=block_n, splits=3)
+        assert_matches(got, want, eager)
 
 
 def test_every_output_element_is_written(monkeypatch):
@@ -102,14 +141,13 @@ def test_every_output_element_is_written(monkeypatch):
 
     monkeypatch.setattr(kernel, "_empty", poisoned)
     case = make_case(17, 64, 300, 300, 290)
-    got, want = run_both(case, 300, 0.07, 0.4, 17, splits=7)  # 7 splits over 5 tiles: 2 empty
-    assert_matches(got, want)
+    assert_matches(*run_both(case, 300, 0.07, 0.4, 17, splits=7))  # 7 splits over 5 tiles: 2 empty
 
 
 def test_unwritten_slots_and_neighbouring_memory_are_never_read():
     b, dim, q, n_valid = 17, 64, 300, 200
     img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(b, dim, q, n_valid, 100)
-    want = run_both((img, txt, img_m, txt_m, ring_img, ring_txt, pos), n_valid, 0.07, 0.4, b)[1]
+    want, eager = references((img, txt, img_m, txt_m, ring_img, ring_txt, pos), n_valid, 0.07, 0.4, b)
     # Guard bands: every tensor lives inside a NaN-filled allocation, the rings' unwritten
     # slots are NaN too; any read outside the valid data turns the result into NaN.
     def banded(t):
@@ -120,8 +158,7 @@ def test_unwritten_slots_and_neighbouring_memory_are_never_read():
     ring_img, ring_txt = banded(ring_img), banded(ring_txt)
     ring_img[n_valid:], ring_txt[n_valid:] = float("nan"), float("nan")
     case = (banded(img), banded(txt), banded(img_m), banded(txt_m), ring_img, ring_txt, pos)
-    got = run_both(case, n_valid, 0.07, 0.4, b, splits=4)[0]
-    assert_matches(got, want)
+    assert_matches(run_kernel(case, n_valid, 0.07, 0.4, b, splits=4), want, eager)
 
 
 def test_bf16_inputs():
@@ -129,7 +166,7 @@ def test_bf16_inputs():
     is fp32 on bf16-rounded inputs, which the fp64 reference of the same inputs matches to 1e-5.
     On a GPU the dots run in bf16 (8 mantissa bits): loss and d_tau to 2e-2 there."""
     case = make_case(17, 64, 300, 300, 290, dtype=torch.bfloat16)
-    got, want = run_both(case, 300, 0.07, 0.4, 17, splits=2)
+    got, want, _ = run_both(case, 300, 0.07, 0.4, 17, splits=2)
     assert got[1].dtype == torch.bfloat16
     tol = TOL if TEST_DEVICE == "cpu" else 2e-2
     assert rel(got[0], want[0]) <= tol and rel(got[3], want[3]) <= tol

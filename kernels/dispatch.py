@@ -1,9 +1,13 @@
-"""Triton kernels of fastmsd, imported as ``fastmsd.kernels`` (setup.py maps this folder).
+"""Where the Triton kernels run: the choice behind ``--loss-impl`` and ``--ema-impl``.
 
-- ``msd_loss``: the fused queue InfoNCE + distillation loss, forward and backward;
-- ``ema``: the momentum update over the flat buffer, with an optional bf16 teacher copy.
-
-The engine picks them with ``--loss-impl`` / ``--ema-impl``; the eager paths in
+The kernels of fastmsd live in this folder, one module each (``msd_loss``: the fused queue
+InfoNCE + distillation loss, forward and backward; ``ema``: the momentum update over the flat
+buffer, with an optional bf16 teacher copy), and import as ``fastmsd.kernels`` through the link
+``fastmsd/kernels -> ../kernels``. The folder has no ``__init__.py`` on purpose. transformers (5.25
+and later) imports Hugging Face's ``kernels`` distribution, and a regular package here would win
+over it whenever the repository root is on ``sys.path`` (pytest, ``python -m``, ``python -c``
+there). A folder without ``__init__.py`` is only a namespace portion, and Python prefers a
+regular package of the same name wherever on the path it finds one. The eager paths in
 ``fastmsd.objective`` and ``fastmsd.momentum`` stay the oracles.
 """
 
