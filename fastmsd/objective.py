@@ -10,11 +10,13 @@ accumulation, so that summed micro-batch gradients equal the gradient of one lar
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+from fastmsd.config import ConfigError
 from fastmsd.kernels.dispatch import use_triton
 
 
@@ -85,11 +87,24 @@ def msd_loss_reference(
     return (i2t + t2i) / (2 * divisor)
 
 
-def select_loss(impl: str, device: torch.device, precision: str = "tf32") -> Callable[..., torch.Tensor]:
+def select_loss(impl: str, device: torch.device, precision: str = "tf32",
+                dim: int | None = None) -> Callable[..., torch.Tensor]:
     """The loss function for ``--loss-impl``: auto is the fused Triton kernel on CUDA and this
-    eager reference elsewhere; ``precision`` sets the kernel's fp32 dots (ieee, tf32, bf16)."""
+    eager reference elsewhere; ``precision`` sets the kernel's fp32 dots (ieee, tf32, bf16).
+    On a GPU whose shared memory no tile of the kernel fits at embedding width ``dim``, auto
+    falls back to the reference with a warning and triton is a ConfigError naming the limit."""
     if not use_triton("--loss-impl", impl, device, "eager"):
         return msd_loss_reference
-    from fastmsd.kernels.msd_loss import msd_loss
+    from fastmsd.kernels.msd_loss import KERNELS, msd_loss, tiles_for
 
+    if device.type == "cuda" and dim is not None:
+        major, minor = torch.cuda.get_device_capability(device)
+        try:
+            for kernel in KERNELS:  # the engine's rings and rows are fp32
+                tiles_for(kernel, 10 * major + minor, torch.float32, precision, dim)
+        except ValueError as refused:
+            if impl == "triton":
+                raise ConfigError(f"--loss-impl triton: {refused}") from None
+            warnings.warn(f"--loss-impl auto takes the eager loss: {refused}", stacklevel=2)
+            return msd_loss_reference
     return functools.partial(msd_loss, precision=precision)

@@ -2,7 +2,7 @@
 
 The teacher's bf16 copy is written in the same pass (2 B/param more instead of a separate cast
 that re-reads the fp32 teacher); the fp32 master stays, because a bf16-only teacher stalls: the
-step (1 - m)(theta - theta') is usually far below half an ulp of bf16 (KERNELS.md section 5).
+step (1 - m)(theta - theta') is usually far below half an ulp of bf16.
 
 Written with plain pointer arithmetic and masked loads/stores only, so that triton 3.6 and its
 CPU interpreter run it too.
@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 from triton.runtime.interpreter import InterpretedFunction
+
+from fastmsd.kernels.gpu_compile import CompiledKernel, compile_kernel
 
 BLOCK = 4096
 # Offsets reach numel + BLOCK - 1 in the last program; past this they no longer fit int32.
@@ -107,3 +109,15 @@ def ema_update_(momentum: torch.Tensor, student: torch.Tensor, m: float,
     torch.autograd.graph.increment_version(momentum)
     if shadow is not None:
         torch.autograd.graph.increment_version(shadow)
+
+
+def compile_for(arch: int, write_shadow: bool = True, small_weight: bool = True,
+                int64: bool = False) -> CompiledKernel:
+    """Builds the kernel for ``arch`` (e.g. 86) with no GPU present, as ``ema_update_`` launches
+    it (4 warps, 3 stages: Triton's defaults) on aligned flat buffers. Run without TRITON_INTERPRET."""
+    signature = {"momentum_ptr": "*fp32", "student_ptr": "*fp32",
+                 "shadow_ptr": "*bf16" if write_shadow else "*fp32", "weight": "fp32",
+                 "numel": "i64" if int64 else "i32"}
+    constexprs = dict(BLOCK=BLOCK, SMALL_WEIGHT=small_weight, WRITE_SHADOW=write_shadow, INT64=int64)
+    aligned = ["momentum_ptr", "student_ptr", "shadow_ptr"]
+    return compile_kernel(_ema_kernel, arch, signature, constexprs, aligned, num_warps=4, num_stages=3)

@@ -211,6 +211,8 @@ def test_writing_a_ring_between_forward_and_backward_is_an_error():
     (lambda c: {**c, "pos": c["pos"].float()}, "pos"),
     (lambda c: {**c, "tau": 0.07}, "tau must be a tensor"),
     (lambda c: {**c, "alpha": 1.5}, "alpha"),
+    (lambda c: {**c, "block_n": 8}, "block_n must be a power of two >= 16"),
+    (lambda c: {**c, "block_m": 48}, "block_m must be a power of two >= 16"),
 ])
 def test_bad_input_is_a_value_error(change, message):
     img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(3, 16, 100, 100, 0)
