@@ -148,6 +148,16 @@ def _cell(value: object) -> str:
     return str(value).replace("|", "\\|")
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    """The lines of one Markdown table; cells that are None render as "not measured"."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        if len(row) != len(header):
+            raise ValueError(f"row {list(row)} has {len(row)} cells, the header {len(header)}")
+        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    return lines
+
+
 def report(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], env: dict[str, str],
            notes: Sequence[str] = (), results: str | Path | None = None) -> str:
     """Render one Markdown table, print it, append it to ``results`` unless None; returns the text.
@@ -155,12 +165,7 @@ def report(title: str, header: Sequence[str], rows: Sequence[Sequence[object]], 
     Cells that are None render as "not measured".
     """
     lines = [f"## {title}", "", " · ".join(f"{k}: {v}" for k, v in env.items()), ""]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "---|" * len(header))
-    for row in rows:
-        if len(row) != len(header):
-            raise ValueError(f"row {list(row)} has {len(row)} cells, the header {len(header)}")
-        lines.append("| " + " | ".join(_cell(c) for c in row) + " |")
+    lines += markdown_table(header, rows)
     if notes:
         lines.append("")
         lines.extend(f"- {note}" for note in notes)

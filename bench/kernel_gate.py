@@ -26,13 +26,11 @@ from pathlib import Path
 import torch
 import triton
 
-from bench.common import RESULTS, report
+from bench.common import RESULTS, markdown_table, report
 from fastmsd.kernels import ema, msd_loss
 from fastmsd.kernels.gpu_compile import ARCHS, SHARED_MEMORY
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-MODES = {"fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee"),
-         "fp32-bf16": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "tf32")}
 # Every padded width (BLOCK_D) from 16 to MAX_DIM, and widths that are not multiples of 16
 # (another specialisation of the D argument).
 FULL_DIMS = (16, 32, 64, 100, 128, 200, 256, 384, 512)
@@ -44,7 +42,7 @@ def cases(full: bool) -> list[tuple]:
     dims = FULL_DIMS if full else (256,)
     teachers = (True, False) if full else (True,)
     out = [("msd", arch, kernel, mode, dim, teacher) for arch in ARCHS for kernel in msd_loss.KERNELS
-           for mode in MODES for dim in dims for teacher in teachers]
+           for mode in msd_loss.MODES for dim in dims for teacher in teachers]
     flags = [(s, w, i) for s in (True, False) for w in (True, False) for i in (False, True)] if full \
         else [(True, True, False)]
     return out + [("ema", arch, *f) for arch in ARCHS for f in flags]
@@ -56,7 +54,7 @@ def build(case: tuple) -> dict:
     try:
         if case[0] == "msd":
             _, arch, kernel, mode, dim, teacher = case
-            dtype, precision = MODES[mode]
+            dtype, precision = msd_loss.MODES[mode]
             tiles = msd_loss.tiles_for(kernel, arch, dtype, precision, dim)
             row["tiles"] = f"{tiles.block_m}x{tiles.block_n}, {tiles.num_warps}w, {tiles.num_stages}s"
             built = msd_loss.compile_for(arch, kernel, dtype, precision, dim, teacher)
@@ -105,8 +103,7 @@ HEADER = ["arch", "kernel", "mode", "D", "tiles (m x n, warps, stages)", "shared
 
 
 def write_readme_table(rows: list[dict]) -> None:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in _table_rows(rows, {256})]
+    lines = markdown_table(HEADER, _table_rows(rows, {256}))
     text = README.read_text()
     begin, end = text.index(TABLE_BEGIN) + len(TABLE_BEGIN), text.index(TABLE_END)
     README.write_text(text[:begin] + "\n" + "\n".join(lines) + "\n" + text[end:])

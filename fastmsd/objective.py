@@ -95,13 +95,12 @@ def select_loss(impl: str, device: torch.device, precision: str = "tf32",
     falls back to the reference with a warning and triton is a ConfigError naming the limit."""
     if not use_triton("--loss-impl", impl, device, "eager"):
         return msd_loss_reference
-    from fastmsd.kernels.msd_loss import KERNELS, msd_loss, tiles_for
+    from fastmsd.kernels.msd_loss import KERNELS, device_arch, msd_loss, tiles_for
 
     if device.type == "cuda" and dim is not None:
-        major, minor = torch.cuda.get_device_capability(device)
         try:
             for kernel in KERNELS:  # the engine's rings and rows are fp32
-                tiles_for(kernel, 10 * major + minor, torch.float32, precision, dim)
+                tiles_for(kernel, device_arch(device), torch.float32, precision, dim)
         except ValueError as refused:
             if impl == "triton":
                 raise ConfigError(f"--loss-impl triton: {refused}") from None

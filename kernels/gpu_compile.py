@@ -20,6 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -46,8 +47,6 @@ class CompiledKernel:
 
 
 def _cuobjdump() -> str:
-    from triton import knobs
-
     return os.path.join(os.path.dirname(knobs.nvidia.ptxas.path), "cuobjdump")
 
 

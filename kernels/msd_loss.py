@@ -250,6 +250,11 @@ def mode_of(dtype: torch.dtype, precision: str) -> str:
     return "bf16" if dtype == torch.bfloat16 else f"fp32-{precision}"
 
 
+# Every mode of the table, with a (rows dtype, precision) that selects it.
+MODES = {"fp32-tf32": (torch.float32, "tf32"), "fp32-ieee": (torch.float32, "ieee"),
+         "fp32-bf16": (torch.float32, "bf16"), "bf16": (torch.bfloat16, "tf32")}
+
+
 def tile_family(arch: int) -> int:
     """The tile table that a GPU architecture (compute capability as 86, 90, ...) uses: its own
     for the A100 and Hopper, else the consumer cards' (the smallest shared memory, 99 KB)."""
@@ -274,9 +279,10 @@ def tiles_for(kernel: str, arch: int, dtype: torch.dtype, precision: str, dim: i
     return tiles
 
 
-def _device_arch(device: torch.device) -> int:
+def device_arch(device: torch.device) -> int:
+    """The compute capability as 86, 90, ...; on the CPU (the interpreter) the consumer cards'."""
     if device.type != "cuda":
-        return 86  # the interpreter runs the tiles of the consumer cards
+        return 86
     major, minor = torch.cuda.get_device_capability(device)
     return 10 * major + minor
 
@@ -289,7 +295,7 @@ def _launch_tiles(kernel: str, img: torch.Tensor, precision: str, block_m: int |
         # exactly the forward's logits (at tau = 0.001 a logit is ~1,400 in base 2, where one
         # ulp moves p by 1e-4).
         kernel = "backward"
-    tiles = tiles_for(kernel, _device_arch(img.device), img.dtype, precision, img.shape[1])
+    tiles = tiles_for(kernel, device_arch(img.device), img.dtype, precision, img.shape[1])
     return Tiles(block_m or tiles.block_m, block_n or tiles.block_n, tiles.num_warps, tiles.num_stages)
 
 

@@ -44,8 +44,7 @@ def test_every_kernel_builds_and_fits_every_architecture(tmp_path):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_mode_has_tiles_at_the_engines_width(arch):
     for kernel in msd_loss.KERNELS:
-        for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.float32, "bf16"),
-                                 (torch.bfloat16, "tf32")):
+        for dtype, precision in msd_loss.MODES.values():
             tiles = msd_loss.tiles_for(kernel, arch, dtype, precision, 256)
             assert tiles.block_m >= 16 and tiles.block_n >= 16
 
