@@ -1,73 +1,96 @@
 #!/usr/bin/env bash
-# The one prepared GPU check: kernel tests on the GPU, then the loss, EMA, loader and step benches, whose tables
-# are appended to bench/RESULTS.md. Run from the repository root on a CUDA machine that has torch,
-# triton, timm and transformers (the device machine has no package registry: nothing is fetched).
+# The prepared GPU checks, in parts that each fit one device command (10 minutes):
 #
-# The device machine has no pydicom (which `fastmsd prepare` needs), so the loader bench reads a
-# cache prepared here beforehand, kept out of git and carried:
-#   echo /bench/gpu-cache/ >> .git/info/exclude
+#   bash bench/gpu_check.sh PART [PART ...]
+#
+#   part     budget  what
+#   kernels  480 s   GPU-only tests: the loss kernel in every dot mode, the EMA, no host sync
+#   loss     420 s   bench.loss: bf16 rows, fp32 rows with tf32 and with ieee dots
+#   io       240 s   bench.ema and bench.data (the loader bench reads a carried cache, below)
+#   plan     540 s   `fastmsd plan --gpu-mem 12G --preset base`
+#   step     540 s   bench.step under 12G: the fast path, then both eager rows (effective batch
+#                    1,024, shorter than the preset's 4,096, to fit)
+#
+# A part's budget is the sum of its steps' limits; each step is killed at its limit, reports its
+# exit status and time, and the next one runs whatever happened. Nothing is installed: the
+# commands run from the repository root with it on PYTHONPATH (the device machine has no package
+# registry; torch, triton, timm and transformers are its own).
+#
+# What comes back (at most 8 files may): in $OUT (default bench/gpu-out), summary.txt (the GPU,
+# then one line per step: part, step, exit status, seconds), log.txt (every step's output), and
+# RESULTS.md (bench/RESULTS.md with the benches' tables appended), copied on exit whatever fails.
+#
+# The device machine has no pydicom (which `fastmsd prepare` needs), so `io` reads a cache
+# prepared here beforehand (git ignores bench/gpu-cache/) and carried:
 #   python -m bench.data --cache bench/gpu-cache --batches 1 --no-append   # builds it (~20 MB)
 # then run with carry: ["bench/gpu-cache"].
-#
-# Tolerances on the GPU: loss tests use "ieee" fp32 dots and hold 1e-5 relative against fp64, as
-# on the CPU; bf16 rows run real bf16 dots and are held to 2e-2; the EMA is bit-identical.
-set -euo pipefail
+set -u
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1 FASTMSD_TEST_DEVICE=cuda
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET
+
+# step PART NAME LIMIT_S COMMAND...: run it under its limit, log it, one summary line.
+step() {
+  local part=$1 name=$2 limit=$3 start rc
+  shift 3
+  start=$(date +%s)
+  echo "=== $part / $name (limit ${limit} s): $*" >>"$log"
+  timeout --kill-after=15 "$limit" "$@" >>"$log" 2>&1
+  rc=$?
+  [ "$rc" = 124 ] && rc="124 (killed at its limit)"
+  echo "$part / $name: exit $rc, $(( $(date +%s) - start )) s" | tee -a "$summary"
+}
+
+part_kernels() {
+  # The GPU rerun of the loss tests (every dot mode) and the GPU-only checks.
+  step kernels tests 480 env FASTMSD_TEST_DEVICE=cuda \
+    python -m pytest -q -p no:cacheprovider tests/test_kernel_loss.py tests/test_on_gpu.py
+}
+
+part_loss() {
+  step loss bf16-rows 140 python -m bench.loss --dtype bf16 --precision tf32
+  step loss fp32-tf32 140 python -m bench.loss --dtype fp32 --precision tf32
+  step loss fp32-ieee 140 python -m bench.loss --dtype fp32 --precision ieee
+}
+
+part_io() {
+  step io ema 90 python -m bench.ema
+  if [ -d bench/gpu-cache ]; then
+    step io data 150 python -m bench.data --cache bench/gpu-cache
+  else
+    echo "io / data: skipped, no bench/gpu-cache carried (see the header)" | tee -a "$summary"
+  fi
+}
+
+part_plan() {
+  # The 12G plan for the base preset (ViT-B/16 + BERT-base); the run folder stays on the machine.
+  step plan base-12G 540 python -m fastmsd plan --gpu-mem 12G --preset base \
+    --runs-dir /tmp/fastmsd-plan --no-progress
+}
+
+part_step() {
+  # Under the same cap; each path plans its own sizes, so the rows are split over two steps.
+  step step fast 270 python -m bench.step --gpu-mem 12G --batch-size 1024 --steps 2 --paths fast
+  step step eager 270 python -m bench.step --gpu-mem 12G --batch-size 1024 --steps 2 \
+    --paths "eager + bf16,eager"
+}
+
+if [ $# = 0 ]; then
+  sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+  exit 2
+fi
+for part in "$@"; do
+  if ! declare -F "part_$part" >/dev/null; then
+    echo "unknown part $part (kernels, loss, io, plan, step)" >&2
+    exit 2
+  fi
+done
 out=${OUT:-bench/gpu-out}
 mkdir -p "$out"
-python -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \
-  || echo "note: editable install failed; relying on the repository root being importable"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python -m pytest -q tests/test_kernel_loss.py 2>&1 | tee "$out/kernel-tests.txt"
-# tests/test_kernel_ema.py pins the interpreter's exact formula; on the GPU Triton contracts it
-# to an FMA, like torch's CUDA lerp_, so compare with lerp_ there: within one rounding, and the
-# bf16 shadow bit-exact to the cast.
-python - <<'PY' 2>&1 | tee -a "$out/kernel-tests.txt"
-import torch
-from fastmsd.kernels.ema import ema_update_
-g = torch.Generator(device="cuda").manual_seed(0)
-for n in (1, 4097, 10_000_003):
-    for m in (0.0, 0.5, 0.9, 0.995):
-        t = torch.randn(n, device="cuda", generator=g)
-        s = torch.randn(n, device="cuda", generator=g)
-        shadow = torch.full((n,), float("nan"), device="cuda", dtype=torch.bfloat16)
-        want = t.clone().lerp_(s, 1 - m)
-        bound = 2.0**-21 * (t.abs() + s.abs())
-        ema_update_(t, s, m, shadow)
-        assert bool(((t - want).abs() <= bound).all()), (n, m, (t - want).abs().max().item())
-        assert torch.equal(shadow, t.to(torch.bfloat16)), (n, m)
-print("EMA on the GPU: within one rounding of lerp_, shadow bit-exact")
-PY
-# The fast path's promise of no host synchronisation inside the micro-batch loop, checked by CUDA
-# itself: any synchronising call in the keys and query phases raises.
-python - <<'PY' 2>&1 | tee -a "$out/kernel-tests.txt"
-import torch
-from fastmsd.config import preset
-from fastmsd.engine import Batch, Engine
-from fastmsd.model import build_model
-cfg = preset("tiny")
-cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.key_chunk = 128, 32, 64
-engine = Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), "cuda")
-m = cfg.model
-batch = Batch(torch.randn(128, 1, m.image_size, m.image_size, device="cuda"),
-              torch.randint(0, m.vocab_size, (128, m.max_len), device="cuda"),
-              torch.ones(128, m.max_len, dtype=torch.bool, device="cuda"))
-engine.train_step(batch)  # first calls: compilation, allocations
-torch.cuda.synchronize()
-torch.cuda.set_sync_debug_mode("error")
-engine.accumulate_gradients(batch)
-torch.cuda.set_sync_debug_mode(0)
-print("keys + query phases of a step: no host synchronisation")
-PY
-python -m bench.loss --dtype bf16 --precision tf32 --profile "$out/traces"
-python -m bench.loss --dtype fp32 --precision tf32
-python -m bench.loss --dtype fp32 --precision ieee
-python -m bench.ema
-python -m bench.data --cache bench/gpu-cache
-# The 12G plan for the base preset (ViT-B/16 + BERT-base), then the fast path against the eager
-# path under the same cap (issue 6: peak <= 12 GiB; target >= 2,500 img/s on an H200).
-python -m fastmsd plan --gpu-mem 12G --preset base --runs-dir "$out/runs" --no-progress 2>&1 | tee "$out/plan.txt"
-python -m bench.step --gpu-mem 12G --steps 2 --profile "$out/traces"
-cp bench/RESULTS.md "$out/RESULTS.md"
+summary=$out/summary.txt log=$out/log.txt
+trap 'cp bench/RESULTS.md "$out/RESULTS.md"' EXIT
+command -v nvidia-smi >/dev/null \
+  && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >>"$summary"
+for part in "$@"; do
+  "part_$part"
+done

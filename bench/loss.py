@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import bench_parser, environment, peak_extra_bytes, profile, report, time_ms
+from bench.common import NOT_MEASURED, bench_parser, environment, peak_extra_bytes, profile, report, time_ms
 from fastmsd.objective import msd_loss_reference
 
-NOT_MEASURED = "not measured"
+NOT_INSTALLED = "not installed"
 
 
 def make_inputs(b: int, dim: int, q: int, n_valid: int, dtype: torch.dtype, device: torch.device):
@@ -46,7 +46,12 @@ def step_fn(loss_fn, inputs, n_valid: int, alpha: float):
 
 
 def clip_fn(inputs):
-    from open_clip.loss import ClipLoss
+    """open_clip's loss on the same rows, or NOT_INSTALLED: a peer missing from the machine is a
+    row that says so, not a failed bench."""
+    try:
+        from open_clip.loss import ClipLoss
+    except ImportError:
+        return NOT_INSTALLED
 
     img, txt, *_, tau = inputs
     clip = ClipLoss()
@@ -91,15 +96,17 @@ def main() -> None:
     rows, env = [], environment(device)
     for case, n_valid, alpha in cases:
         inputs = make_inputs(b, args.dim, max(q, b), n_valid, dtype, device)
-        candidates = [("fused Triton kernel", step_fn(kernel, inputs, n_valid, alpha) if kernel else None),
+        # Each candidate is a function to time, or the reason it has no row of figures.
+        candidates = [("fused Triton kernel",
+                       step_fn(kernel, inputs, n_valid, alpha) if kernel else NOT_MEASURED),
                       ("eager reference", step_fn(msd_loss_reference, inputs, n_valid, alpha))]
         if alpha > 0:
             candidates.append(("torch.compile(reference)", step_fn(compiled, inputs, n_valid, alpha)))
         else:
             candidates.append(("open_clip ClipLoss", clip_fn(inputs)))
         for name, fn in candidates:
-            if fn is None:
-                rows.append([case, name, NOT_MEASURED, NOT_MEASURED, NOT_MEASURED])
+            if isinstance(fn, str):
+                rows.append([case, name, fn, fn, fn])
                 continue
             ms = time_ms(fn, device)
             extra = peak_extra_bytes(fn, device)

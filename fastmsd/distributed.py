@@ -20,6 +20,7 @@ from fastmsd.config import ConfigError
 
 # DDP's default bucket is 25 MiB; larger ones amortise a collective's latency over more bytes.
 BUCKET_ELEMENTS = 2**24  # 64 MiB of fp32
+BLOCKING_WAIT = "TORCH_NCCL_BLOCKING_WAIT"
 
 
 class RankLost(ConfigError):
@@ -132,8 +133,16 @@ def from_env(device: torch.device, timeout_s: float) -> tuple[Dist, torch.device
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "nccl":
+            # NCCL collectives are asynchronous: a lost rank would surface in its watchdog thread,
+            # which kills the process with no word of the checkpoint to resume from. In blocking
+            # wait (read when the group is made) there is no watchdog, and the collective itself
+            # raises in this thread after the timeout, where Dist._guard turns it into RankLost.
+            # The price: each collective (the keys all-gather, the gradient all-reduce, once a
+            # step each) holds the host until it completes.
+            os.environ.setdefault(BLOCKING_WAIT, "1")
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, world, local_rank, timeout_s), device
 
 

@@ -84,6 +84,9 @@ class Engine:
         for flat in (self.student_flat, self.momentum_flat, self.model.tau.data):
             self.dist.broadcast_(flat, "the initial weight broadcast")
         self.precision = resolve_precision(cfg.train.precision, self.device)
+        # Before the bf16 teacher is copied from the momentum tower, so that it inherits both.
+        self.model.set_checkpointing(*parse_checkpointing(cfg.train.checkpointing))
+        self.model.set_attention(cfg.train.sdpa)
         # Under bf16 autocast the keys phase reads a bf16 shadow of the teacher, rewritten by
         # every EMA, instead of re-casting the fp32 master weights in every forward.
         self.teacher = self.model.momentum
@@ -92,8 +95,6 @@ class Engine:
             self.teacher = copy.deepcopy(self.model.momentum).to(torch.bfloat16)
             self.shadow_flat = flatten_parameters(self.teacher)
         self._ema = select_ema(cfg.train.ema_impl, self.device)
-        self.model.set_checkpointing(*parse_checkpointing(cfg.train.checkpointing))
-        self.model.set_attention(cfg.train.sdpa)
         if cfg.train.compile:
             # In place (nn.Module.compile), so parameter names and the flat views stay.
             for tower in {id(t): t for t in (self.model.student, self.teacher)}.values():

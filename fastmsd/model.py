@@ -122,8 +122,32 @@ class Tower(nn.Module):
         return F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask)
+        mask = self.text_attention_mask(attention_mask)
+        hidden = self.text_encoder(input_ids=input_ids, attention_mask=mask)
         return F.normalize(self.text_proj(hidden.last_hidden_state[:, 0]), dim=-1)
+
+    def text_attention_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The [n, L] padding mask in the form the text encoder's attention takes without a host sync.
+
+        Given a 2-D mask, transformers' mask builder (sdpa and eager alike) asks ``mask.all()`` in
+        Python, to drop an all-ones mask: a device-to-host sync in every text forward. A 4-D mask
+        is passed through unchanged instead, so it is built here in each implementation's form:
+        boolean for SDPA, additive for eager (which adds it to the scores, where a boolean would
+        add 0 or 1 and mask nothing). The implementation is read per call because
+        ``MSDModel.set_attention`` can switch it after the tower is built.
+        """
+        keep = attention_mask.bool()[:, None, None, :]
+        implementation = self.text_encoder.config._attn_implementation
+        if implementation == "sdpa":
+            return keep
+        if implementation == "eager":
+            # transformers' own fill: 0 where attended, the dtype's minimum where padded; the
+            # encoder's dtype keeps the scores in it (a wider mask would promote them).
+            dtype = self.text_encoder.dtype
+            bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device)
+            return bias.masked_fill_(~keep, torch.finfo(dtype).min)
+        # Others (flash attention unpads by the 2-D mask) keep the form transformers expects.
+        return attention_mask
 
 
 class MSDModel(nn.Module):

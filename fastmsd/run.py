@@ -127,10 +127,24 @@ def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path, sav
     return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
 
 
-def _memory_in_use(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+class PeakMemory:
+    """The training loop's memory high-water marks. On a GPU, the peaks of the allocator since
+    ``reset``: allocated (what tensors hold) and reserved (what the allocator took from the
+    device, the figure ``--gpu-mem`` caps); on the CPU, the process's peak resident size."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def reset(self) -> None:
+        # The planner's probes ran uncapped batches on this device: their peaks are not the run's.
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def read(self) -> dict[str, int]:
+        if self.device.type == "cuda":
+            return {"memory_bytes": torch.cuda.max_memory_allocated(self.device),
+                    "memory_reserved_bytes": torch.cuda.max_memory_reserved(self.device)}
+        return {"memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
 @dataclass
@@ -311,6 +325,8 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
                disable=not progress, dynamic_ncols=True)
     window_loss = torch.zeros((), device=device)
     window_steps, window_start = 0, time.perf_counter()
+    memory = PeakMemory(device)
+    memory.reset()
     try:
         while engine.step < last:
             idx = stream.next()[mine]
@@ -338,13 +354,14 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
                     "tau": engine.model.tau.item(),
                     "alpha": engine.alpha,
                     "img_per_s": window_steps * t.batch_size / (time.perf_counter() - window_start),
-                    "memory_bytes": _memory_in_use(device),
                     "ring_n_valid": engine.rings.n_valid,
+                    **memory.read(),
                 }
                 if logger is not None:
                     logger.log(engine.step, metrics)
+                shown = metrics.get("memory_reserved_bytes", metrics["memory_bytes"])
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['img_per_s']:.0f}",
-                                mem=format_size(metrics["memory_bytes"]))
+                                mem=format_size(shown))
                 window_loss.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if t.eval_every and engine.step % t.eval_every == 0 and logger is not None:

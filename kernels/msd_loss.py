@@ -97,8 +97,10 @@ TILES: dict[tuple[int, str, str, int], Tiles] = {
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """a @ b with fp32 accumulation. The interpreter computes bf16 dots wrongly: upcast there. On a
     GPU, bf16 operands use the bf16 tensor cores; fp32 operands are rounded to bf16 for "bf16"
-    and take ``input_precision`` for "ieee" / "tf32". One branch survives compilation, so the
-    others never see a precision they do not accept."""
+    and take ``input_precision`` for "ieee" / "tf32" (tf32: the tensor cores read the top 19 bits
+    of the fp32 operands as they are, a truncation, which the tests' tolerance for the mode
+    models). One branch survives compilation, so the others never see a precision they do not
+    accept."""
     if UPCAST:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32))
     elif PRECISION == "bf16" or a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:

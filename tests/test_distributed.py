@@ -144,3 +144,39 @@ def test_an_error_on_rank_0_stops_every_rank_at_once(two_ranks, synth_cache):
     assert code0 == code1 == 2, (err0[-2000:], err1[-2000:])
     assert "already exists" in err0.strip().splitlines()[-1]
     assert "rank 0 stopped during the run set-up" in err1 and "already exists" in err1
+
+
+@pytest.mark.parametrize("backend_device,user_setting,expected", [
+    ("cuda", None, "1"),  # NCCL: blocking wait, so a lost rank raises where _guard sees it
+    ("cuda", "0", "0"),  # a user's own choice stands
+    ("cpu", None, None),  # gloo raises in the caller's thread anyway
+])
+def test_nccl_collectives_wait_blocking(monkeypatch, backend_device, user_setting, expected):
+    """Only the set-up is provable without GPUs: the process group is made with
+    TORCH_NCCL_BLOCKING_WAIT in the environment, which NCCL reads at that moment."""
+    import torch.distributed as dist
+
+    from fastmsd import distributed
+
+    seen = {}
+
+    def init_process_group(backend, timeout):
+        seen.update(backend=backend, blocking=os.environ.get(distributed.BLOCKING_WAIT),
+                    timeout=timeout.total_seconds())
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", init_process_group)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", "1"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    # Set first, so that monkeypatch restores the variable's absence after from_env set it.
+    monkeypatch.setenv(distributed.BLOCKING_WAIT, user_setting or "")
+    if user_setting is None:
+        monkeypatch.delenv(distributed.BLOCKING_WAIT)
+    d, device = distributed.from_env(torch.device(backend_device), 90.0)
+    assert (d.rank, d.world) == (1, 2)
+    assert seen == {"backend": "nccl" if backend_device == "cuda" else "gloo", "blocking": expected,
+                    "timeout": 90.0}
+    if backend_device == "cuda":
+        assert device == torch.device("cuda", 1)

@@ -182,6 +182,18 @@ def test_bf16_teacher_shadow_follows_the_ema(monkeypatch):
         assert engine.rings.img.dtype == torch.float32 and engine.rings.n_valid == 32
 
 
+@pytest.mark.parametrize("sdpa", [True, False])
+def test_bf16_teacher_takes_the_attention_switch(monkeypatch, sdpa):
+    """--no-sdpa reaches all three towers, the bf16 teacher copy included."""
+    import fastmsd.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "resolve_precision", lambda precision, device: "bf16")
+    engine = make_engine(micro_config(sdpa=sdpa))
+    want = "sdpa" if sdpa else "eager"
+    for tower in (engine.model.student, engine.model.momentum, engine.teacher):
+        assert tower.text_encoder.config._attn_implementation == want
+
+
 def test_triton_ema_matches_the_torch_ema():
     engines = {}
     for impl in ("foreach", "triton"):

@@ -85,3 +85,33 @@ def test_training_runs_with_each_streaming_loader(tmp_path, synth_cache, loader)
     run = train(cfg, progress=False)
     rows = (run / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2
+
+
+STREAM_WITH_ONE_WORKER = """
+import sys
+from pathlib import Path
+
+import torch
+
+from fastmsd.data.loader import StreamImages
+
+paths = sorted(Path(sys.argv[1]).glob("*.jpg"))
+stream = StreamImages(paths, 64, 1, torch.device("cpu"), seed=0, workers=1)
+first, second = torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5])
+stream.batch(first, step=0, prefetch=second)
+print(tuple(stream.batch(second, step=1).shape))
+"""
+
+
+def test_stream_loader_with_one_worker_does_not_deadlock(tmp_path):
+    """The prefetch decodes in the background while its files fan out over the worker pool; with
+    one worker that pool must still be free. In a child process, so that a hang fails the test
+    (after the timeout) instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    left_bright_images(tmp_path)
+    done = subprocess.run([sys.executable, "-c", STREAM_WITH_ONE_WORKER, str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(3, 1, 64, 64)"

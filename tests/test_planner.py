@@ -277,3 +277,33 @@ def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypat
     assert plan.budget_bytes == 45 * 2**28  # 11.25 GiB: the free memory, in 256 MiB steps
     assert "11.2 GiB is free on this GPU" in capsys.readouterr().out
     assert caps[-1] == pytest.approx(11.25 / 11.76, rel=1e-3)
+
+
+def test_logged_memory_starts_after_the_probes(monkeypatch):
+    """The planner's uncapped probes leave the allocator's peaks far above what the run uses:
+    the loop's meter resets them first, and reports the reserved peak (what --gpu-mem caps)."""
+    import torch
+
+    from fastmsd.run import PeakMemory
+
+    GiB = 2**30
+    allocator = {"allocated": 0, "reserved": 0, "peak_allocated": 0, "peak_reserved": 0}
+
+    def use(allocated, reserved):
+        allocator.update(allocated=allocated, reserved=reserved)
+        allocator["peak_allocated"] = max(allocator["peak_allocated"], allocated)
+        allocator["peak_reserved"] = max(allocator["peak_reserved"], reserved)
+
+    def reset(device):
+        allocator.update(peak_allocated=allocator["allocated"], peak_reserved=allocator["reserved"])
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: allocator["peak_allocated"])
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: allocator["peak_reserved"])
+    use(20 * GiB, 22 * GiB)  # the largest probe
+    use(0, 1 * GiB)  # probes freed, the cache emptied
+    memory = PeakMemory(torch.device("cuda", 0))
+    memory.reset()
+    use(9 * GiB, 11 * GiB)  # training steps
+    use(8 * GiB, 11 * GiB)
+    assert memory.read() == {"memory_bytes": 9 * GiB, "memory_reserved_bytes": 11 * GiB}

@@ -170,7 +170,12 @@ class StreamImages:
                  workers: int = 2, pin_memory: bool = True, shard: tuple[int, int] = (0, 1)):
         self.paths, self.size, self.in_chans = list(paths), size, in_chans
         self.device, self.seed, self.pin, self.shard = device, seed, pin_memory, shard
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
         self.pool = ThreadPoolExecutor(max_workers=workers)
+        # The prefetch runs ``decode``, which fans its files out over ``pool``: were it a task of
+        # ``pool`` itself, it would hold a worker while waiting on the others (one worker: forever).
+        self.prefetcher = ThreadPoolExecutor(max_workers=1)
         self._ahead: tuple[torch.Tensor, object] | None = None
 
     def decode(self, idx: torch.Tensor) -> torch.Tensor:
@@ -190,7 +195,7 @@ class StreamImages:
             images = self._ahead[1].result()
         else:
             images = self.decode(idx)
-        self._ahead = None if prefetch is None else (prefetch, self.pool.submit(self.decode, prefetch))
+        self._ahead = None if prefetch is None else (prefetch, self.prefetcher.submit(self.decode, prefetch))
         images = to_device(images, self.device, self.pin)
         return normalize_(augment(images, step_generator(self.seed, step), shard=self.shard), self.in_chans)
 
