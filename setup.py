@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Medical vision-language pretraining with momentum self-distillation, tuned for small GPUs",
     python_requires=">=3.10",
-    packages=["fastmsd", "fastmsd.data", "fastmsd.eval", "fastmsd.kernels"],
+    packages=["fastmsd", "fastmsd.data", "fastmsd.data.synthcxr", "fastmsd.eval", "fastmsd.kernels"],
     # kernels/ lives at the top of the repo and imports as fastmsd.kernels through the link
     # fastmsd/kernels; it has no __init__.py, so it never shadows the `kernels` distribution that
     # transformers imports (kernels/dispatch.py says why).

@@ -28,7 +28,7 @@ def ensure_cache(path: Path) -> Path:
     if Cache.is_cache(path):
         return path
     from fastmsd.data.prepare import prepare
-    from fastmsd.data.synthetic import generate
+    from fastmsd.data.synthcxr import generate
 
     raw = generate(path.with_name(path.name + "-raw"), n_train=600, n_per_class=20, n_dicom=0)
     prepare("synthcxr", raw, path, size=512)

@@ -254,7 +254,7 @@ def _plan(args: argparse.Namespace) -> None:
 
 def _synth(args: argparse.Namespace) -> None:
     _positive(args, ["n_train", "n_per_class", "size", "workers"])
-    from fastmsd.data.synthetic import generate, preview
+    from fastmsd.data.synthcxr import generate, preview
 
     out = generate(args.out, seed=args.seed, n_train=args.n_train, n_per_class=args.n_per_class,
                    size=args.size, workers=args.workers)

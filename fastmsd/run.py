@@ -61,7 +61,7 @@ def ensure_data(data: str | Path, generate: bool) -> Cache:
     data = Path(data)
     if generate and not Cache.is_cache(data):
         from fastmsd.data.prepare import prepare
-        from fastmsd.data.synthetic import generate as generate_synthcxr
+        from fastmsd.data.synthcxr import generate as generate_synthcxr
 
         raw = data.with_name(data.name.removesuffix("-cache"))
         print(f"first use: generating synthcxr in {raw} and preparing it into {data}")

@@ -43,7 +43,7 @@ def micro_cfg() -> Config:
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory):
     """A small synthcxr set shared by the tests that train (generated once per session)."""
-    from fastmsd.data.synthetic import generate
+    from fastmsd.data.synthcxr import generate
 
     return generate(tmp_path_factory.mktemp("synthcxr"), seed=0, n_train=640, n_per_class=40,
                     size=64, n_dicom=2, workers=2, progress=False)

@@ -17,7 +17,7 @@ from fastmsd.data.datasets import (
     hash_split,
     read_dataset,
 )
-from fastmsd.data.synthetic import CHEXPERT_COLUMNS, generate
+from fastmsd.data.synthcxr import CHEXPERT_COLUMNS, generate
 
 
 def _jpeg(path: Path) -> Path:

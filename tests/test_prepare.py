@@ -16,7 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fastmsd.data.cache import Cache
 from fastmsd.data.prepare import prepare, report_sections
-from fastmsd.data.synthetic import generate
+from fastmsd.data.synthcxr import generate
 
 
 def digest(path: Path) -> str:

@@ -11,9 +11,11 @@ import pydicom
 import pytest
 from PIL import Image
 
-from fastmsd.data import synthetic
 from fastmsd.data.mimic import extract_sections, read_mimic_cxr, report_text
-from fastmsd.data.synthetic import FINDINGS, ZEROSHOT_CLASSES, generate, render_image, write_report
+from fastmsd.data.synthcxr import FINDINGS, ZEROSHOT_CLASSES, generate, render_image, write_report
+from fastmsd.data.synthcxr.cohort import plan_studies, sample_attributes
+from fastmsd.data.synthcxr.labels import FINDING_COLUMN
+from fastmsd.data.synthcxr.writer import PARTIAL_MARKER
 
 SMALL = dict(n_train=40, n_per_class=4, size=64, n_dicom=6, workers=1, progress=False)
 KEYWORDS = {
@@ -79,11 +81,11 @@ def test_zeroshot_set_shows_exactly_its_class(synth):
     for r in rows:
         assert split[r["dicom_id"]]["split"] == "test"
         labels = chex[split[r["dicom_id"]]["study_id"]]
-        column = synthetic._LABEL[r["label"]]
+        column = FINDING_COLUMN[r["label"]]
         assert labels[column] == "1.0"
-        others = [synthetic._LABEL[f] for f in FINDINGS if f != r["label"]]
+        others = [FINDING_COLUMN[f] for f in FINDINGS if f != r["label"]]
         assert all(labels[c] in ("", "0.0") for c in others)
-    plan = synthetic._make_plan(3, SMALL["n_train"], SMALL["n_per_class"], SMALL["n_dicom"])
+    plan = plan_studies(3, SMALL["n_train"], SMALL["n_per_class"], SMALL["n_dicom"])
     for item in plan:
         if item["label"]:
             assert set(item["findings"]) - {"support_devices"} == {item["label"]}
@@ -117,9 +119,9 @@ def test_report_grammar_uses_zero_shot_words():
                        ("pleural_effusion", "pleural effusion"), ("pneumothorax", "pneumothorax")]:
         hits = 0
         for _ in range(40):
-            attrs = synthetic._sample_attrs(name, rng, allow_uncertain=False)
+            attrs = sample_attributes(name, rng, allow_uncertain=False)
             text, labels = write_report({name: attrs}, rng)
-            assert labels[synthetic._LABEL[name]] == 1.0
+            assert labels[FINDING_COLUMN[name]] == 1.0
             hits += word in text.lower()
         assert hits >= 12, name
     text, labels = write_report({}, np.random.default_rng(1))
@@ -163,9 +165,9 @@ def test_idempotent_and_safe(tmp_path, synth):
     partial = tmp_path / "partial"
     (partial / "files").mkdir(parents=True)
     (partial / "files" / "junk.jpg").write_bytes(b"x")
-    (partial / synthetic._PARTIAL).write_text("")
+    (partial / PARTIAL_MARKER).write_text("")
     generate(partial, seed=3, **SMALL)
-    assert (partial / "synthcxr.json").is_file() and not (partial / synthetic._PARTIAL).exists()
+    assert (partial / "synthcxr.json").is_file() and not (partial / PARTIAL_MARKER).exists()
     assert not (partial / "files" / "junk.jpg").exists()
     assert _files(partial) == _files(synth)
 

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from .mimic import read_mimic_cxr
-from .synthetic import CHEXPERT_COLUMNS
+from .synthcxr import CHEXPERT_COLUMNS
 
 __all__ = [
     "DATASETS",
