@@ -24,9 +24,9 @@ import time
 import torch
 
 from bench.common import NOT_MEASURED, bench_parser, environment, profile, report
-from fastmsd.config import Config, preset
+from fastmsd.config import Config, format_size, parse_size, preset
 from fastmsd.engine import Engine
-from fastmsd.memory import cap_cuda_memory, fill_rings, format_size, parse_size, probe_plan, synthetic_batch
+from fastmsd.memory import cap_cuda_memory, fill_rings, probe_plan, synthetic_batch
 from fastmsd.model import build_model
 
 

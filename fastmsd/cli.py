@@ -7,131 +7,93 @@ code 2; heavy imports wait until the arguments have been checked, so those error
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
 
-from fastmsd.config import Config, ConfigError, TrainConfig, preset
-from fastmsd.memory import parse_size
+from fastmsd.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    TrainConfig,
+    option_name,
+    parse_size,
+    preset,
+    setting_of,
+)
 
 DEFAULT_DATA = TrainConfig.data
 DEFAULT_SYNTHCXR = "data/synthcxr"
-
-# CLI option -> (config section, field). Only options the user gives override the preset, or
-# the saved config of a resumed run.
-_OVERRIDES = {
-    "data": ("train", "data"),
-    "runs_dir": ("train", "runs_dir"),
-    "name": ("train", "name"),
-    "device": ("train", "device"),
-    "precision": ("train", "precision"),
-    "steps": ("train", "steps"),
-    "batch_size": ("train", "batch_size"),
-    "micro_batch_size": ("train", "micro_batch_size"),
-    "key_chunk": ("train", "key_chunk"),
-    "queue_size": ("train", "queue_size"),
-    "accum_mode": ("train", "accum_mode"),
-    "loss_impl": ("train", "loss_impl"),
-    "loader": ("train", "loader"),
-    "loader_workers": ("train", "loader_workers"),
-    "ema_impl": ("train", "ema_impl"),
-    "dot_precision": ("train", "dot_precision"),
-    "alpha": ("train", "alpha"),
-    "alpha_warmup_steps": ("train", "alpha_warmup_steps"),
-    "lr": ("train", "lr"),
-    "seed": ("train", "seed"),
-    "checkpointing": ("train", "checkpointing"),
-    "plan": ("train", "plan"),
-    "dist_timeout": ("train", "dist_timeout"),
-    "fused_adamw": ("train", "fused_adamw"),
-    "sdpa": ("train", "sdpa"),
-    "bf16_teacher": ("train", "bf16_teacher"),
-    "pin_memory": ("train", "pin_memory"),
-    "compile": ("train", "compile"),
-    "report_padding": ("train", "report_padding"),
-    "log_every": ("train", "log_every"),
-    "save_every": ("train", "save_every"),
-    "gpu_mem": ("train", "gpu_mem"),
-    "eval_at_end": ("train", "eval_at_end"),
-    "eval_every": ("train", "eval_every"),
-    "image_encoder": ("model", "image_encoder"),
-    "text_encoder": ("model", "text_encoder"),
-}
+_SECTIONS = (("model settings", ModelConfig), ("training settings", TrainConfig))
+_OVERRIDE_NOTE = ("Every config setting has an option; those given override the preset, the --config "
+                  "file or the saved config of a resumed run.")
+# The fields whose options the CLI checks for values below 1 before anything heavy is imported.
+_POSITIVE = [f.name for _, cls in _SECTIONS for f in dataclasses.fields(cls) if setting_of(f).positive]
 
 
-def _step_options(p: argparse.ArgumentParser, gpu_mem_required: bool = False) -> None:
-    """What shapes a step: shared by `train` and `plan`."""
+def _value_type(hint: Any) -> type:
+    """str, int, float, bool or dict: what a field so annotated holds (X for X | None)."""
+    if isinstance(hint, types.UnionType):
+        hint = next(arg for arg in get_args(hint) if arg is not type(None))
+    return get_origin(hint) or hint
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"not a JSON object: {text!r}")
+    return value
+
+
+def _step_options(p: argparse.ArgumentParser, for_plan: bool = False) -> None:
+    """Shared by `train` and `plan`: where the config comes from, and an option for every config
+    field (for `plan`, those not train_only). Each field's option defaults to None, so only the
+    options the user gives override the preset, or the saved config of a resumed run."""
     p.add_argument("--preset", choices=["tiny", "base"], help="model and schedule preset")
     p.add_argument("--config", help="a YAML config (as saved in a run folder) instead of a preset")
-    p.add_argument("--runs-dir", help="where run folders live (default runs)")
-    p.add_argument("--name", help="run name (default PRESET-DATE-TIME); the plan is cached in its folder")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
-    p.add_argument("--gpu-mem", required=gpu_mem_required,
-                   help="GPU memory budget, e.g. 12G, 12GiB, 12000MiB: the allocator is capped there "
-                        "and the planner picks micro-batch, checkpointing and key chunk")
-    if not gpu_mem_required:  # `fastmsd plan` always plans
-        p.add_argument("--plan", action=argparse.BooleanOptionalAction, default=None,
-                       help="with --gpu-mem, let the planner choose (default) or only cap the allocator")
-    p.add_argument("--batch-size", type=int, help="effective batch N")
-    p.add_argument("--queue-size", type=int, help="ring capacity Q (>= N)")
-    p.add_argument("--accum-mode", choices=["exact", "naive"])
-    p.add_argument("--loss-impl", choices=["auto", "triton", "eager"],
-                   help="fused Triton loss or the eager reference (auto: Triton on CUDA)")
-    p.add_argument("--ema-impl", choices=["auto", "triton", "foreach"],
-                   help="flat Triton EMA or torch's lerp (auto: Triton on CUDA)")
-    p.add_argument("--dot-precision", choices=["ieee", "tf32", "bf16"],
-                   help="the fused loss's fp32 dot products (default tf32)")
-    p.add_argument("--image-encoder", help="timm model name")
-    p.add_argument("--text-encoder", help="transformers model name or local model folder")
-    fast = p.add_argument_group("fast path (each on by default but --compile; off to measure)")
-    for flag, text in (("fused-adamw", "torch's fused AdamW (CUDA)"),
-                       ("sdpa", "fused scaled-dot-product attention in both encoders"),
-                       ("bf16-teacher", "keys phase on a bf16 shadow of the teacher (under bf16)"),
-                       ("pin-memory", "pinned, non-blocking host-to-device copies"),
-                       ("compile", "torch.compile the encoders")):
-        fast.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None, help=text)
-    fast.add_argument("--report-padding", choices=["auto", "fixed", "trim"],
-                      help="pad reports to max_len (static shapes) or cut each batch to its longest "
-                           "(auto: fixed with --compile, else trim)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for title, cls in _SECTIONS:
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            s = setting_of(f)
+            if for_plan and s.train_only:
+                continue
+            group = s.group or title
+            if group not in groups:
+                groups[group] = p.add_argument_group(group)
+            kind = _value_type(hints[f.name])
+            if kind is bool:
+                options: dict[str, Any] = {"action": argparse.BooleanOptionalAction}
+            else:
+                options = {"type": _json_object if kind is dict else kind, "choices": s.choices,
+                           "metavar": s.metavar}
+            # `fastmsd plan` shows the plan for a budget, so it needs one.
+            groups[group].add_argument(option_name(f), dest=f.name, default=None, help=s.help,
+                                       required=for_plan and f.name == "gpu_mem", **options)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmsd", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tr = sub.add_parser("train", help="train a model (default: tiny on synthcxr on CPU, base on GPU)")
+    tr = sub.add_parser("train", help="train a model (default: tiny on synthcxr on CPU, base on GPU)",
+                        description=_OVERRIDE_NOTE)
     _step_options(tr)
-    tr.add_argument("--data", help=f"a cache made by `fastmsd prepare` (default {DEFAULT_DATA}: "
-                                   "synthcxr, generated and prepared on first use)")
     tr.add_argument("--resume", help="'latest' (of --name, or the newest run) or a checkpoint folder")
     tr.add_argument("--stop-after", type=int, help="stop this invocation after N steps (resumable)")
-    tr.add_argument("--steps", type=int, help="optimizer steps of the whole schedule")
-    tr.add_argument("--micro-batch-size", type=int, help="micro-batch b (A = ceil(N / b))")
-    tr.add_argument("--key-chunk", type=int, help="keys-phase chunk size")
-    tr.add_argument("--checkpointing", help="activation checkpointing of the student's blocks: none, "
-                                            "all, or image=K,text=K (every K-th block; 0 for none)")
-    tr.add_argument("--loader", choices=["auto", "memory", "torch", "dali"],
-                    help="auto: decode a small split once into memory, else stream it (DALI if installed)")
-    tr.add_argument("--loader-workers", type=int, help="decoding threads (default 2)")
-    tr.add_argument("--alpha", type=float, help="distillation weight after the ramp")
-    tr.add_argument("--alpha-warmup-steps", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--log-every", type=int)
-    tr.add_argument("--save-every", type=int)
-    tr.add_argument("--eval-every", type=int,
-                    help="zero-shot and retrieval every K steps, logged with the training metrics")
-    tr.add_argument("--no-eval", dest="eval_at_end", action="store_false", default=None,
-                    help="skip the zero-shot evaluation at the end")
-    tr.add_argument("--dist-timeout", type=float,
-                    help="torchrun: seconds a rank waits for the others before failing (default 1800)")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    pl = sub.add_parser("plan", help="show the micro-batch / checkpointing plan for a GPU memory budget")
-    _step_options(pl, gpu_mem_required=True)
-    pl.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pl = sub.add_parser("plan", help="show the micro-batch / checkpointing plan for a GPU memory budget",
+                        description="The model and step settings of `fastmsd train`, less what the planner "
+                                    "picks; those given override the preset or the --config file.")
+    _step_options(pl, for_plan=True)
 
     sy = sub.add_parser("synth", help="generate the synthcxr dataset")
     sy.add_argument("--out", default=DEFAULT_SYNTHCXR, help=f"output folder (default {DEFAULT_SYNTHCXR})")
@@ -189,10 +151,11 @@ def _train_config(args: argparse.Namespace) -> Config:
         device = args.device or "auto"
         on_gpu = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
         cfg = preset(args.preset or ("base" if on_gpu else "tiny"))
-    for option, (section, field) in _OVERRIDES.items():
-        value = getattr(args, option, None)
-        if value is not None:
-            setattr(getattr(cfg, section), field, value)
+    for section in (cfg.model, cfg.train):
+        for f in dataclasses.fields(section):
+            value = getattr(args, f.name, None)  # absent: a train_only field under `plan`
+            if value is not None:
+                setattr(section, f.name, value)
     cfg.validate()
     return cfg
 
@@ -206,8 +169,7 @@ def _cuda_available() -> bool:
 def _train(args: argparse.Namespace) -> None:
     if args.gpu_mem is not None:
         parse_size(args.gpu_mem)
-    _positive(args, ["steps", "batch_size", "micro_batch_size", "key_chunk", "queue_size",
-                     "stop_after", "log_every", "save_every", "loader_workers"])
+    _positive(args, [*_POSITIVE, "stop_after"])
     if args.eval_every is not None and args.eval_every < 0:
         raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.data is not None and not Path(args.data).is_dir():
@@ -234,7 +196,7 @@ def _plan(args: argparse.Namespace) -> None:
     from fastmsd.model import check_encoder_names
     from fastmsd.run import resolve_device
 
-    _positive(args, ["batch_size", "queue_size"])
+    _positive(args, _POSITIVE)
     parse_size(args.gpu_mem)
     cfg = _train_config(args)
     check_encoder_names(cfg.model)

@@ -1,8 +1,15 @@
-"""Dataclass configs, the `tiny` and `base` presets, and YAML load/save."""
+"""Dataclass configs, the `tiny` and `base` presets, and YAML load/save.
+
+Each field is declared once, with `setting`: its default, its help text and, where it has them,
+its choices and CLI hints. The CLI generates an option for every field from that declaration
+(`fastmsd train --help` lists them), and `Config.validate` checks the choices it names.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,77 +21,158 @@ class ConfigError(ValueError):
     """A user-facing configuration problem; the CLI prints it as one line and exits 2."""
 
 
+@dataclass(frozen=True)
+class Setting:
+    """How a config field appears on the command line."""
+
+    help: str
+    choices: tuple[str, ...] | None = None
+    flag: str | None = None  # the option's name without "--" when it is not the field's name
+    metavar: str | None = None
+    positive: bool = False  # the CLI refuses values below 1
+    # Not an option of `fastmsd plan`: the planner picks it, or it belongs to the run (data,
+    # schedule, logging), not to the step a plan measures.
+    train_only: bool = False
+    group: str | None = None  # a help section of its own, by title
+
+
+FAST_PATH = "fast path (each on by default but --compile; off to measure)"
+
+
+def setting(default: Any, **cli: Any) -> Any:
+    """A dataclass field whose metadata holds its `Setting` (``cli``: help, choices, ...)."""
+    metadata = {"setting": Setting(**cli)}
+    if isinstance(default, dict):  # one shared dict would leak edits between configs
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def setting_of(f: dataclasses.Field) -> Setting:
+    return f.metadata["setting"]
+
+
+def option_name(f: dataclasses.Field) -> str:
+    """The field's command-line option, e.g. --accum-mode."""
+    return "--" + (setting_of(f).flag or f.name.replace("_", "-"))
+
+
+def _one_of(choices: Sequence[str]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
 @dataclass
 class ModelConfig:
-    image_encoder: str = "convnext_atto"
-    # Extra timm constructor arguments (depths, dims, img_size, ...).
-    image_encoder_args: dict[str, Any] = field(default_factory=dict)
-    # A local weights file for the image encoder (timm reads it instead of the hub).
-    image_weights: str | None = None
-    image_size: int = 64
-    in_chans: int = 1
-    # A transformers model name or a local directory holding config (+ weights, tokenizer).
-    text_encoder: str = "bert-tiny"
-    # BertConfig overrides for config-only construction (no weights available offline).
-    text_encoder_args: dict[str, Any] = field(default_factory=dict)
-    pretrained: bool = False
-    max_len: int = 64
-    vocab_size: int = 2048  # WordPiece size when the tokenizer is trained on the reports
-    embed_dim: int = 256
-    tau_init: float = 0.07
-    tau_min: float = 0.001
-    tau_max: float = 0.5
-    momentum: float = 0.995
+    image_encoder: str = setting("convnext_atto", help="timm model name")
+    image_encoder_args: dict[str, Any] = setting(
+        {}, metavar="JSON",
+        help="extra timm constructor arguments as a JSON object, e.g. '{\"depths\": [1, 1, 2, 1]}' "
+             "(dims, img_size, ...); replaces the preset's")
+    image_weights: str | None = setting(
+        None, metavar="FILE",
+        help="a local weights file for the image encoder (timm reads it instead of the hub)")
+    image_size: int = setting(64, positive=True, help="image side in pixels")
+    in_chans: int = setting(1, positive=True, help="input channels of the image encoder (grayscale repeated)")
+    text_encoder: str = setting("bert-tiny", help="transformers model name or local model folder")
+    text_encoder_args: dict[str, Any] = setting(
+        {}, metavar="JSON",
+        help="BertConfig overrides as a JSON object, e.g. '{\"num_hidden_layers\": 2}', for config-only "
+             "construction (no weights available offline); replaces the preset's")
+    pretrained: bool = setting(
+        False, help="load the encoders' pretrained weights from the hub (a local text encoder folder "
+                    "always loads its own)")
+    max_len: int = setting(64, positive=True, help="report tokens the text encoder reads")
+    vocab_size: int = setting(
+        2048, positive=True, help="WordPiece size when the tokenizer is trained on the reports")
+    embed_dim: int = setting(256, positive=True, help="width of the shared image-text embedding")
+    tau_init: float = setting(0.07, help="initial softmax temperature (learned)")
+    tau_min: float = setting(0.001, help="lower clamp of the learned temperature")
+    tau_max: float = setting(0.5, help="upper clamp of the learned temperature")
+    momentum: float = setting(0.995, help="EMA coefficient of the momentum encoders")
 
 
 @dataclass
 class TrainConfig:
-    data: str = "data/synthcxr-cache"  # a cache written by `fastmsd prepare`
-    runs_dir: str = "runs"
-    name: str | None = None
-    device: str = "auto"
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    batch_size: int = 128  # effective batch N
-    micro_batch_size: int = 64  # b; the last micro-batch may be shorter
-    key_chunk: int = 256  # keys-phase chunk (no activations are kept, so it may exceed b)
-    queue_size: int = 2048  # ring capacity Q, must be >= N
-    accum_mode: str = "exact"  # exact | naive
-    loader: str = "auto"  # auto | memory | torch | dali (see fastmsd.data.loader)
-    loader_workers: int = 2
-    loss_impl: str = "auto"  # auto (triton on CUDA, eager elsewhere) | triton | eager
-    ema_impl: str = "auto"  # auto (triton on CUDA, foreach elsewhere) | triton | foreach
-    dot_precision: str = "tf32"  # the fused loss's fp32 dots: ieee | tf32 | bf16
-    alpha: float = 0.4
-    alpha_warmup_steps: int = 200
-    steps: int = 1000
-    lr: float = 1e-3
-    tau_lr: float = 1e-4
-    weight_decay: float = 0.02
-    warmup_steps: int = 50
-    grad_clip: float = 1.0
-    # Activation checkpointing of the student's blocks: none, all, or image=K,text=K (every
-    # K-th block of each encoder, 0 for none). With --gpu-mem on a GPU the planner chooses it.
-    checkpointing: str = "none"
-    seed: int = 0
-    log_every: int = 20
-    save_every: int = 400
-    keep_last: int = 2
-    gpu_mem: str | None = None
-    # torchrun: how long a collective waits for the other ranks before failing (longer than an
-    # --eval-every evaluation, which rank 0 runs while the others wait).
-    dist_timeout: float = 1800.0
-    plan: bool = True  # with --gpu-mem on a GPU: micro-batch, checkpointing, key chunk by the planner
-    # The fast path, each piece switchable for measurement (bench/step.py turns all off).
-    fused_adamw: bool = True  # torch's fused AdamW kernel (CUDA)
-    sdpa: bool = True  # fused scaled-dot-product attention in both encoders
-    bf16_teacher: bool = True  # keys phase on a bf16 shadow of the teacher (under bf16)
-    pin_memory: bool = True  # pinned host buffers, non-blocking copies (CUDA)
-    compile: bool = False  # torch.compile the encoders
-    # Reports padded to max_len (static shapes, what compile wants) or cut to the longest
-    # report of each effective batch (less attention work in eager mode); auto: fixed iff compile.
-    report_padding: str = "auto"  # auto | fixed | trim
-    eval_at_end: bool = True
-    eval_every: int = 0  # zero-shot + retrieval every K steps (0: only at the end)
+    data: str = setting(
+        "data/synthcxr-cache", train_only=True,
+        help="a cache made by `fastmsd prepare` (default data/synthcxr-cache: synthcxr, generated and "
+             "prepared on first use)")
+    runs_dir: str = setting("runs", help="where run folders live (default runs)")
+    name: str | None = setting(
+        None, help="run name (default PRESET-DATE-TIME); the plan is cached in its folder")
+    device: str = setting("auto", help="auto, cpu, cuda, cuda:1, ...")
+    precision: str = setting(
+        "auto", choices=("auto", "fp32", "bf16", "fp16"),
+        help="auto: bf16 autocast on CUDA, fp32 on the CPU; fp16 uses a gradient scaler")
+    batch_size: int = setting(128, positive=True, help="effective batch N")
+    micro_batch_size: int = setting(
+        64, positive=True, train_only=True, help="micro-batch b (A = ceil(N / b)); the last may be shorter")
+    # No activations are kept in the keys phase, so the chunk may exceed b.
+    key_chunk: int = setting(256, positive=True, train_only=True, help="keys-phase chunk size")
+    queue_size: int = setting(2048, positive=True, help="ring capacity Q (>= N)")
+    accum_mode: str = setting(
+        "exact", choices=("exact", "naive"),
+        help="keys of the whole effective batch first (exact), or per-micro-batch keys, enqueue and EMA "
+             "(naive, ALBEF-style, for ablations)")
+    loader: str = setting(
+        "auto", choices=("auto", "memory", "torch", "dali"), train_only=True,
+        help="auto: decode a small split once into memory, else stream it (DALI if installed)")
+    loader_workers: int = setting(2, positive=True, train_only=True, help="decoding threads (default 2)")
+    loss_impl: str = setting(
+        "auto", choices=("auto", "triton", "eager"),
+        help="fused Triton loss or the eager reference (auto: Triton on CUDA)")
+    ema_impl: str = setting(
+        "auto", choices=("auto", "triton", "foreach"),
+        help="flat Triton EMA or torch's lerp (auto: Triton on CUDA)")
+    dot_precision: str = setting(
+        "tf32", choices=("ieee", "tf32", "bf16"), help="the fused loss's fp32 dot products (default tf32)")
+    alpha: float = setting(0.4, train_only=True, help="distillation weight after the ramp")
+    alpha_warmup_steps: int = setting(
+        200, train_only=True, help="steps of the distillation weight's linear ramp from 0")
+    steps: int = setting(1000, positive=True, train_only=True, help="optimizer steps of the whole schedule")
+    lr: float = setting(
+        1e-3, train_only=True, help="peak learning rate (linear warmup, then cosine decay to 0)")
+    tau_lr: float = setting(1e-4, train_only=True, help="learning rate of the temperature")
+    weight_decay: float = setting(
+        0.02, train_only=True, help="AdamW weight decay of the weight matrices (not of biases, norms, tau)")
+    warmup_steps: int = setting(50, train_only=True, help="steps of the learning rate's linear warmup")
+    grad_clip: float = setting(1.0, train_only=True, help="the gradient norm is clipped to this")
+    checkpointing: str = setting(
+        "none", train_only=True, metavar="POLICY",
+        help="activation checkpointing of the student's blocks: none, all, or image=K,text=K (every K-th "
+             "block; 0 for none)")
+    seed: int = setting(0, train_only=True, help="seed of the initial weights and the data order")
+    log_every: int = setting(20, positive=True, train_only=True, help="log the metrics every K steps")
+    save_every: int = setting(400, positive=True, train_only=True, help="save a checkpoint every K steps")
+    keep_last: int = setting(2, train_only=True, help="checkpoints kept, the newest (0: all)")
+    gpu_mem: str | None = setting(
+        None, metavar="SIZE",
+        help="GPU memory budget, e.g. 12G, 12GiB, 12000MiB: the allocator is capped there and the planner "
+             "picks micro-batch, checkpointing and key chunk")
+    # Longer than an --eval-every evaluation, which rank 0 runs while the others wait.
+    dist_timeout: float = setting(
+        1800.0, train_only=True,
+        help="torchrun: seconds a rank waits for the others before failing (default 1800)")
+    plan: bool = setting(  # train_only: `fastmsd plan` always plans
+        True, train_only=True,
+        help="with --gpu-mem, let the planner choose (default) or only cap the allocator")
+    # Each piece of the fast path can be switched off to measure it (bench/step.py turns all off).
+    fused_adamw: bool = setting(True, group=FAST_PATH, help="torch's fused AdamW (CUDA)")
+    sdpa: bool = setting(True, group=FAST_PATH, help="fused scaled-dot-product attention in both encoders")
+    bf16_teacher: bool = setting(
+        True, group=FAST_PATH, help="keys phase on a bf16 shadow of the teacher (under bf16)")
+    pin_memory: bool = setting(True, group=FAST_PATH, help="pinned, non-blocking host-to-device copies")
+    compile: bool = setting(False, group=FAST_PATH, help="torch.compile the encoders")
+    # Static shapes are what compile wants; trimming saves attention work in eager mode.
+    report_padding: str = setting(
+        "auto", choices=("auto", "fixed", "trim"), group=FAST_PATH,
+        help="pad reports to max_len (static shapes) or cut each batch to its longest (auto: fixed with "
+             "--compile, else trim)")
+    eval_at_end: bool = setting(
+        True, flag="eval", train_only=True,
+        help="run the zero-shot evaluation at the end (default)")
+    eval_every: int = setting(
+        0, train_only=True,
+        help="zero-shot and retrieval every K steps, logged with the training metrics (0: only at the end)")
 
 
 @dataclass
@@ -102,23 +190,14 @@ class Config:
                 f"queue size {t.queue_size} is smaller than the effective batch {t.batch_size}: "
                 "the ring must hold every key of one effective batch (--queue-size >= --batch-size)"
             )
-        if t.accum_mode not in ("exact", "naive"):
-            raise ConfigError(f"unknown --accum-mode {t.accum_mode!r} (exact or naive)")
-        if t.loader not in ("auto", "memory", "torch", "dali"):
-            raise ConfigError(f"unknown --loader {t.loader!r} (auto, memory, torch or dali)")
-        if t.loss_impl not in ("auto", "triton", "eager"):
-            raise ConfigError(f"unknown --loss-impl {t.loss_impl!r} (auto, triton or eager)")
-        if t.ema_impl not in ("auto", "triton", "foreach"):
-            raise ConfigError(f"unknown --ema-impl {t.ema_impl!r} (auto, triton or foreach)")
-        if t.dot_precision not in ("ieee", "tf32", "bf16"):
-            raise ConfigError(f"unknown --dot-precision {t.dot_precision!r} (ieee, tf32 or bf16)")
-        if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"unknown --precision {t.precision!r} (auto, fp32, bf16 or fp16)")
+        for section in (m, t):
+            for f in dataclasses.fields(section):
+                choices, value = setting_of(f).choices, getattr(section, f.name)
+                if choices is not None and value not in choices:
+                    raise ConfigError(f"unknown {option_name(f)} {value!r} ({_one_of(choices)})")
         parse_checkpointing(t.checkpointing)
         if t.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be positive, got {t.dist_timeout}")
-        if t.report_padding not in ("auto", "fixed", "trim"):
-            raise ConfigError(f"unknown --report-padding {t.report_padding!r} (auto, fixed or trim)")
         if not 0.0 <= t.alpha <= 1.0:
             raise ConfigError(f"alpha must lie in [0, 1], got {t.alpha}")
         if t.steps < 1:
@@ -127,6 +206,33 @@ class Config:
             raise ConfigError(f"momentum must lie in [0, 1), got {m.momentum}")
         if not m.tau_min <= m.tau_init <= m.tau_max:
             raise ConfigError(f"tau_init {m.tau_init} is outside [{m.tau_min}, {m.tau_max}]")
+
+
+# GPU memory is sold in binary units (a "12 GB" card has 12,288 MiB), so G, GB and GiB all
+# mean 2**30: reading GB as 10**9 would silently cap a 12 GB card at 11.2 GiB.
+_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'12G', '12GiB', '12GB', '12000MiB', '11.5G' -> bytes (--gpu-mem). Anything else is a ConfigError."""
+    match = _SIZE.match(text)
+    if match is None:
+        raise ConfigError(
+            f"malformed memory size {text!r}: expected a number and a unit, e.g. 12G, 12GiB or 12000MiB"
+        )
+    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
+    if value < 2**20:
+        raise ConfigError(f"memory size {text!r} is below 1 MiB")
+    return int(value)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    raise AssertionError("unreachable")
 
 
 def parse_checkpointing(text: str) -> tuple[int, int]:

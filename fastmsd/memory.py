@@ -1,52 +1,26 @@
-"""`--gpu-mem` parsing, the CUDA allocator cap, and the micro-batch / checkpointing planner."""
+"""The CUDA allocator cap (`--gpu-mem`) and the micro-batch / checkpointing planner."""
 
 from __future__ import annotations
 
+import copy
+import gc
 import json
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from tqdm import tqdm
 
-from fastmsd.config import ConfigError
-
-# GPU memory is sold in binary units (a "12 GB" card has 12,288 MiB), so G, GB and GiB all
-# mean 2**30: reading GB as 10**9 would silently cap a 12 GB card at 11.2 GiB.
-_UNITS = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT])(?:i?B)?\s*$", re.IGNORECASE)
-
-
-def parse_size(text: str) -> int:
-    """'12G', '12GiB', '12GB', '12000MiB', '11.5G' -> bytes. Anything else is a ConfigError."""
-    match = _SIZE.match(text)
-    if match is None:
-        raise ConfigError(
-            f"malformed memory size {text!r}: expected a number and a unit, e.g. 12G, 12GiB or 12000MiB"
-        )
-    value = float(match.group(1)) * _UNITS[match.group(2).upper()]
-    if value < 2**20:
-        raise ConfigError(f"memory size {text!r} is below 1 MiB")
-    return int(value)
-
-
-def format_size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")
+from fastmsd.config import ConfigError, format_checkpointing, format_size, parse_size
 
 
 def cap_cuda_memory(budget: int, device) -> float:
     """Cap this process's CUDA allocator at ``budget`` bytes so a large card behaves like a
     small one; returns the fraction of the device set."""
-    import torch
-
     device = torch.device(device)
     if device.index is None:  # torch's setter refuses a bare "cuda"
         device = torch.device("cuda", torch.cuda.current_device())
@@ -150,8 +124,6 @@ def make_plan(probe: Probe, *, batch_size: int, budget: int, device: str,
     """The micro-batch size, checkpointing policy (of ``policies``, default every pair of
     CHECKPOINT_EVERY) and key chunk with the highest measured throughput whose measured peak
     stays within ``budget`` less the safety margin."""
-    from fastmsd.config import format_checkpointing
-
     usable = int(budget * (1.0 - margin))
     # Peaks of the smallest step (micro-batch 1, every block checkpointed; key chunk 1): what
     # the error names when nothing fits.
@@ -207,8 +179,6 @@ def make_plan(probe: Probe, *, batch_size: int, budget: int, device: str,
 def plan_key(cfg, device_name: str, device_bytes: int, budget: int) -> dict:
     """What a plan depends on: the model, the GPU, the budget, the precision, and the step's
     other sizes and switches. A cached plan is reused only for an equal key."""
-    import torch
-
     m, t = cfg.model, cfg.train
     key = {
         "model": {k: getattr(m, k) for k in ("image_encoder", "image_encoder_args", "image_size", "in_chans",
@@ -250,15 +220,11 @@ class CudaMeter:
         self.device = device
 
     def reset(self) -> None:
-        import torch
-
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
 
     def peak(self) -> int:
-        import torch
-
         torch.cuda.synchronize(self.device)
         return torch.cuda.max_memory_reserved(self.device)
 
@@ -266,8 +232,6 @@ class CudaMeter:
 def synthetic_batch(cfg, vocab_size: int, device):
     """One effective batch as the loaders hand it over, at its worst case: float images and
     reports of full length."""
-    import torch
-
     from fastmsd.engine import Batch
 
     m, n = cfg.model, cfg.train.batch_size
@@ -280,8 +244,6 @@ def synthetic_batch(cfg, vocab_size: int, device):
 
 def fill_rings(rings) -> None:
     """Rings full of unit keys: the steady state of a run, and the loss's largest work."""
-    import torch
-
     g = torch.Generator().manual_seed(1)
     for ring in (rings.img, rings.txt):
         ring.copy_(torch.nn.functional.normalize(torch.randn(ring.shape, generator=g), dim=-1))
@@ -291,10 +253,6 @@ def fill_rings(rings) -> None:
 def probe_plan(cfg, vocab_size: int, device, budget: int, *, progress: bool = True,
                policies: Sequence[tuple[int, int]] | None = None) -> Plan:
     """``make_plan`` over real steps of ``cfg`` in a throwaway engine, freed afterwards."""
-    import gc
-
-    import torch
-
     probe = StepProbe(cfg, vocab_size, device)
     try:
         return make_plan(probe, batch_size=cfg.train.batch_size, budget=budget,
@@ -311,10 +269,6 @@ class StepProbe:
     the effective batch's images and tokens."""
 
     def __init__(self, cfg, vocab_size: int, device, meter=None, repeats: int = 2):
-        import copy
-
-        import torch
-
         from fastmsd.engine import Engine
         from fastmsd.model import build_model
 
@@ -332,8 +286,6 @@ class StepProbe:
         self._restore_grads()
 
     def _run(self, work) -> Measurement:
-        import torch
-
         try:
             self.meter.reset()
             work()  # warm-up: first-call allocations and kernel selection
@@ -367,8 +319,6 @@ class StepProbe:
         return self._run(lambda: (engine.optimizer_step(0), self._restore_grads())).seconds
 
     def _restore_grads(self) -> None:
-        import torch
-
         for p in self.engine.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -379,8 +329,6 @@ def available_budget(budget: int, device) -> int:
     little under 12 GiB and its CUDA context and other processes hold part of that, so
     ``--gpu-mem 12G`` there means what is free (rounded down to 256 MiB, so that a cached plan
     is found again); a budget well beyond the card is an error, not a guess."""
-    import torch
-
     free, total = torch.cuda.mem_get_info(device)
     if budget > total * (1 + BUDGET_SLACK):
         raise ConfigError(f"--gpu-mem {format_size(budget)} exceeds the {format_size(total)} of "
@@ -397,8 +345,6 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
     """Apply ``--gpu-mem``: on a GPU, the plan (cached in ``cache_dir``) sets the micro-batch,
     checkpointing and key chunk of ``cfg``, then the allocator is capped at the budget. The
     probes run before the cap, so that they measure peaks above the budget instead of failing."""
-    import torch
-
     t = cfg.train
     if t.gpu_mem is None:
         return None

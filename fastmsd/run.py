@@ -20,7 +20,7 @@ from fastmsd.checkpoint import (
     load_weights,
     save_checkpoint,
 )
-from fastmsd.config import Config, ConfigError, load_yaml, save_yaml
+from fastmsd.config import Config, ConfigError, format_size, load_yaml, parse_size, save_yaml
 from fastmsd.data import dali
 from fastmsd.data.cache import Cache
 from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
@@ -32,8 +32,6 @@ from fastmsd.memory import (
     apply_plan,
     available_budget,
     cap_cuda_memory,
-    format_size,
-    parse_size,
     plan_for_run,
 )
 from fastmsd.model import build_model, check_encoder_names

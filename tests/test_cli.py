@@ -1,12 +1,17 @@
 """User errors: one line on stderr naming the problem, exit code 2, no traceback."""
 
+import dataclasses
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
-from fastmsd.config import ConfigError
-from fastmsd.memory import parse_size
+from fastmsd import cli
+from fastmsd.config import Config, ConfigError, option_name, parse_size, preset, setting_of
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -127,9 +132,69 @@ def test_malformed_checkpointing(tmp_path):
 
 
 def test_planner_settings_and_explicit_sizes_conflict(monkeypatch, capsys):
-    import fastmsd.cli as cli
-
     monkeypatch.setattr(cli, "_cuda_available", lambda: True)
     assert cli.main(["train", "--gpu-mem", "12G", "--micro-batch-size", "8", "--checkpointing", "all"]) == 2
     err = capsys.readouterr().err
     assert "--micro-batch-size and --checkpointing" in err and "--no-plan" in err
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    """The CLI's promise: argument errors come fast, before any heavy import."""
+    code = textwrap.dedent("""
+        import sys
+        from fastmsd import cli
+        for argv in (["train", "--help"], ["plan", "--help"], ["train", "--gpu-mem", "12gigs"],
+                     ["train", "--steps", "0"], ["train", "--image-size", "x"]):
+            try:
+                assert cli.main(argv) == 2, argv
+            except SystemExit:
+                pass
+        assert "torch" not in sys.modules
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
+
+
+def _options(command):
+    sub = next(a for a in cli._parser()._actions if isinstance(a, cli.argparse._SubParsersAction))
+    return {a.dest: a.option_strings for a in sub.choices[command]._actions}
+
+
+def test_every_config_field_has_an_option():
+    train, plan = _options("train"), _options("plan")
+    for _, cls in cli._SECTIONS:
+        for f in dataclasses.fields(cls):
+            assert option_name(f) in train[f.name], f.name
+            assert (f.name in plan) != setting_of(f).train_only, f.name
+    assert train["eval_at_end"] == ["--eval", "--no-eval"] and "--no-sdpa" in train["sdpa"]
+
+
+def test_only_given_options_override_the_preset():
+    args = cli._parser().parse_args([
+        "train", "--preset", "tiny", "--device", "cpu", "--weight-decay", "0.1", "--pretrained", "--no-eval",
+        "--accum-mode", "naive", "--text-encoder-args", '{"num_hidden_layers": 2}'])
+    expected = preset("tiny")
+    expected.model.pretrained, expected.model.text_encoder_args = True, {"num_hidden_layers": 2}
+    t = expected.train
+    t.device, t.weight_decay, t.eval_at_end, t.accum_mode = "cpu", 0.1, False, "naive"
+    assert cli._train_config(args) == expected
+
+
+def test_a_json_option_takes_only_an_object(capsys):
+    with pytest.raises(SystemExit):
+        cli._parser().parse_args(["train", "--image-encoder-args", "[1, 2]"])
+    assert "--image-encoder-args: not a JSON object" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("accum_mode", "x", "unknown --accum-mode 'x' (exact or naive)"),
+    ("loader", "y", "unknown --loader 'y' (auto, memory, torch or dali)"),
+    ("report_padding", "z", "unknown --report-padding 'z' (auto, fixed or trim)"),
+])
+def test_validate_checks_the_declared_choices(field, value, message):
+    cfg = Config()
+    setattr(cfg.train, field, value)
+    with pytest.raises(ConfigError) as err:
+        cfg.validate()
+    assert str(err.value) == message
