@@ -1,6 +1,6 @@
 """EMA (momentum teacher) update: the flat Triton kernel against torch and timm formulations.
 
-    python -m bench.ema [--device cuda] [--params 195e6] [--tensors 349] [--momentum 0.995]
+    python -m bench.ema [--device cuda] [--params 195e6] [--tensors 349] [--ema-decay 0.995]
                         [--profile DIR] [--no-append] [--results PATH]
 
 Tensor sizes follow the ViT-B/16 + BERT-base layout (349 parameter tensors, 195.3 M elements),
@@ -83,7 +83,7 @@ def main() -> None:
         "--params", type=float, default=None,
         help=f"total parameters (default: the real 195.3 M on a GPU, {CPU_PARAMS / 1e6:g} M on a CPU)")
     parser.add_argument("--tensors", type=int, default=349, help="number of parameter tensors")
-    parser.add_argument("--momentum", type=float, default=0.995, help="EMA momentum m")
+    parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay m")
     args = parser.parse_args()
     device = args.device
 
@@ -96,7 +96,7 @@ def main() -> None:
     with torch.no_grad():
         student, teacher = ParamSet(sizes, device), ParamSet(sizes, device)
         rows = []
-        for name, bytes_per_param, fn in methods(student, teacher, args.momentum, device):
+        for name, bytes_per_param, fn in methods(student, teacher, args.ema_decay, device):
             if fn is None:
                 rows.append([name, None, None, None])
                 continue
@@ -110,7 +110,8 @@ def main() -> None:
     real = sizes == layout
     notes = [
         f"{numel:,} fp32 parameters in {len(sizes)} tensors, sizes of ViT-B/16 + BERT-base"
-        f"{'' if real else ' (cycled and scaled)'}; m = {args.momentum}; median of 20 calls after 3 warm-up.",
+        f"{'' if real else ' (cycled and scaled)'}; m = {args.ema_decay}; median of 20 calls after 3 "
+        "warm-up.",
         "GB/s: the bytes the update needs over the time, 12 B/param (read teacher and student, write "
         "teacher), 14 with the bf16 copy; the same count for every row, though `mul_` + `add_` moves 20 "
         "and timm also walks the state dict.",

@@ -9,7 +9,7 @@ Rows, each a fresh engine on the same synthetic effective batch, rings full (ste
 - fast path: every switch on (bf16 autocast, fused AdamW, SDPA, bf16 teacher, Triton loss and
   EMA, pinned copies), micro-batch / checkpointing / key chunk chosen by the planner;
 - eager + bf16 (GPU only): bf16 autocast, everything else off, no checkpointing, the largest
-  micro-batch that fits (the setting of DESIGN.md's 354 img/s anchor);
+  micro-batch that fits (how a plain bf16 trainer without our switches runs);
 - eager reference: every optimisation off (fp32, eager loss, foreach EMA, no SDPA, no
   checkpointing), the largest micro-batch that fits.
 On the CPU there is no memory to plan: both paths use the preset's micro-batch.
@@ -24,9 +24,9 @@ import time
 import torch
 
 from bench.common import NOT_MEASURED, bench_parser, environment, profile, report
-from fastmsd.config import Config, format_size, parse_size, preset
+from fastmsd.config import Config, StepSizes, format_size, parse_size, preset
 from fastmsd.engine import Engine
-from fastmsd.memory import cap_cuda_memory, fill_rings, probe_plan, synthetic_batch
+from fastmsd.memory import Plan, cap_cuda_memory, fill_rings, probe_plan, synthetic_batch
 from fastmsd.model import build_model
 
 
@@ -42,21 +42,17 @@ def path_config(base: Config, path: str) -> Config:
     return cfg
 
 
-def choose_sizes(cfg: Config, path: str, budget: int, device: torch.device) -> str:
+def choose_sizes(cfg: Config, path: str, budget: int, device: torch.device) -> Plan:
     """Micro-batch, checkpointing and key chunk for this path under the budget (GPU)."""
-    plan = probe_plan(cfg, cfg.model.vocab_size, device, budget,
-                      policies=None if path == "fast" else [(0, 0)])
-    t = cfg.train
-    t.micro_batch_size, t.key_chunk = plan.micro_batch_size, plan.key_chunk
-    t.checkpointing = plan.checkpointing
-    return plan.describe()
+    policies = None if path == "fast" else [(0, 0)]
+    return probe_plan(cfg, cfg.model.vocab_size, device, budget, policies=policies)
 
 
-def measure(cfg: Config, device: torch.device, warmup: int, steps: int, profile_dir: str | None,
-            name: str) -> tuple[float, int | None]:
+def measure(cfg: Config, sizes: StepSizes, device: torch.device, warmup: int, steps: int,
+            profile_dir: str | None, name: str) -> tuple[float, int | None]:
     """Images/s over ``steps`` timed optimizer steps, and the allocator's peak (GPU)."""
     torch.manual_seed(0)
-    engine = Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), device)
+    engine = Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), device, sizes=sizes)
     fill_rings(engine.rings)
     batch = synthetic_batch(cfg, cfg.model.vocab_size, device)
 
@@ -108,16 +104,19 @@ def main() -> None:
         if path == "eager + bf16" and not on_gpu:
             continue
         cfg = path_config(base, path)
+        sizes = StepSizes.of(cfg.train)
         if on_gpu:
             # The probes run uncapped (they measure peaks above the budget), the step capped.
             cap_cuda_memory(torch.cuda.get_device_properties(device).total_memory, device)
-            notes.append(f"{path}: {choose_sizes(cfg, path, budget, device)}")
+            plan = choose_sizes(cfg, path, budget, device)
+            notes.append(f"{path}: {plan.describe()}")
+            sizes = plan.sizes
             cap_cuda_memory(budget, device)
-        img_s, peak = measure(cfg, device, args.warmup, args.steps, args.profile, path.split()[0])
+        img_s, peak = measure(cfg, sizes, device, args.warmup, args.steps, args.profile, path.split()[0])
         t = cfg.train
-        rows.append([path, t.precision if on_gpu else "fp32", t.micro_batch_size,
-                     -(-t.batch_size // t.micro_batch_size),
-                     t.checkpointing, t.key_chunk, round(img_s, 1),
+        rows.append([path, t.precision if on_gpu else "fp32", sizes.micro_batch_size,
+                     -(-t.batch_size // sizes.micro_batch_size),
+                     sizes.checkpointing, sizes.key_chunk, round(img_s, 1),
                      NOT_MEASURED if peak is None else format_size(peak)])
         gc.collect()
         if on_gpu:

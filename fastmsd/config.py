@@ -87,7 +87,8 @@ class ModelConfig:
     tau_init: float = setting(0.07, help="initial softmax temperature (learned)")
     tau_min: float = setting(0.001, help="lower clamp of the learned temperature")
     tau_max: float = setting(0.5, help="upper clamp of the learned temperature")
-    momentum: float = setting(0.995, help="EMA coefficient of the momentum encoders")
+    # m in theta' <- m theta' + (1 - m) theta: how slowly the momentum teacher follows the student.
+    ema_decay: float = setting(0.995, help="EMA decay m of the momentum teacher")
 
 
 @dataclass
@@ -202,8 +203,8 @@ class Config:
             raise ConfigError(f"alpha must lie in [0, 1], got {t.alpha}")
         if t.steps < 1:
             raise ConfigError("--steps must be positive")
-        if not 0.0 <= m.momentum < 1.0:
-            raise ConfigError(f"momentum must lie in [0, 1), got {m.momentum}")
+        if not 0.0 <= m.ema_decay < 1.0:
+            raise ConfigError(f"--ema-decay must lie in [0, 1), got {m.ema_decay}")
         if not m.tau_min <= m.tau_init <= m.tau_max:
             raise ConfigError(f"tau_init {m.tau_init} is outside [{m.tau_min}, {m.tau_max}]")
 
@@ -249,6 +250,21 @@ def parse_checkpointing(text: str) -> tuple[int, int]:
                               "(every K-th block, 0 for none)")
         every[key.strip()] = int(value)
     return every.get("image", 0), every.get("text", 0)
+
+
+@dataclass(frozen=True)
+class StepSizes:
+    """How one step is cut up: rows per micro-batch, rows per keys-phase chunk, and which
+    student blocks recompute their activations. From the config, or chosen by the --gpu-mem
+    planner and handed to the engine as they are (the config stays what the user asked for)."""
+
+    micro_batch_size: int
+    key_chunk: int
+    checkpointing: str = "none"
+
+    @classmethod
+    def of(cls, train: TrainConfig) -> StepSizes:
+        return cls(train.micro_batch_size, train.key_chunk, train.checkpointing)
 
 
 def format_checkpointing(image_every: int, text_every: int) -> str:

@@ -1,4 +1,4 @@
-"""The training loop: keys phase, query phase, optimizer step, logging (DESIGN.md section 1).
+"""One training step: keys phase, query phase, optimizer step (docs/design.md, "Exact accumulation").
 
 One optimizer step over an effective batch of N pairs:
 1. keys: the momentum towers embed all N pairs (no grad, in chunks) straight into the rings at
@@ -13,17 +13,19 @@ accumulation), kept for ablations.
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 from dataclasses import dataclass
 
 import torch
 
-from fastmsd.config import Config, ConfigError, parse_checkpointing
+from fastmsd.config import Config, ConfigError, StepSizes, parse_checkpointing
 from fastmsd.distributed import Dist, fingerprint
 from fastmsd.model import MSDModel
-from fastmsd.momentum import Rings, flatten_parameters, select_ema
-from fastmsd.objective import select_loss
+from fastmsd.momentum import Rings, flatten_parameters
+from fastmsd.objective import MSDLoss
+
+# What a step reports: the loss and its two parts (see fastmsd.objective).
+LOSS_TERMS = ("loss", "contrastive", "distillation")
 
 
 @dataclass
@@ -68,8 +70,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 class Engine:
     """The model, its momentum side, the rings and the optimizer of one training run."""
 
-    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str, dist: Dist | None = None):
+    def __init__(self, cfg: Config, model: MSDModel, device: torch.device | str, dist: Dist | None = None,
+                 sizes: StepSizes | None = None):
         self.cfg = cfg
+        self.sizes = sizes or StepSizes.of(cfg.train)
         self.device = torch.device(device)
         self.dist = dist or Dist()
         if self.dist.active and cfg.train.accum_mode != "exact":
@@ -77,32 +81,25 @@ class Engine:
                               "micro-batch, which ranks cannot share")
         self.model = model.to(self.device)
         self.model.train()
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.model.set_checkpointing(*parse_checkpointing(self.sizes.checkpointing))
+        self.model.set_attention(cfg.train.sdpa)
         # After .to(): flattening replaces each parameter's storage with a view of one buffer.
         self.student_flat = flatten_parameters(self.model.student)
-        self.momentum_flat = flatten_parameters(self.model.momentum)
-        # Every rank starts from rank 0's weights (equal seeds give equal ones; this makes sure).
-        for flat in (self.student_flat, self.momentum_flat, self.model.tau.data):
-            self.dist.broadcast_(flat, "the initial weight broadcast")
-        self.precision = resolve_precision(cfg.train.precision, self.device)
-        # Before the bf16 teacher is copied from the momentum tower, so that it inherits both.
-        self.model.set_checkpointing(*parse_checkpointing(cfg.train.checkpointing))
-        self.model.set_attention(cfg.train.sdpa)
-        # Under bf16 autocast the keys phase reads a bf16 shadow of the teacher, rewritten by
-        # every EMA, instead of re-casting the fp32 master weights in every forward.
         self.teacher = self.model.momentum
-        self.shadow_flat = None
-        if self.precision == "bf16" and cfg.train.bf16_teacher:
-            self.teacher = copy.deepcopy(self.model.momentum).to(torch.bfloat16)
-            self.shadow_flat = flatten_parameters(self.teacher)
-        self._ema = select_ema(cfg.train.ema_impl, self.device)
+        self.teacher.prepare(cfg.train.ema_impl,
+                             bf16_shadow=self.precision == "bf16" and cfg.train.bf16_teacher)
+        # Every rank starts from rank 0's weights (equal seeds give equal ones; this makes sure).
+        for flat in (self.student_flat, self.teacher.flat, self.model.tau.data):
+            self.dist.broadcast_(flat, "the initial weight broadcast")
+        self.teacher.refresh_shadow()
         if cfg.train.compile:
             # In place (nn.Module.compile), so parameter names and the flat views stay.
-            for tower in {id(t): t for t in (self.model.student, self.teacher)}.values():
+            for tower in (self.model.student, self.teacher.encoder):
                 tower.image_encoder.compile()
                 tower.text_encoder.compile()
         self.rings = Rings(cfg.train.queue_size, cfg.model.embed_dim, self.device)
-        self.loss_fn = select_loss(cfg.train.loss_impl, self.device, cfg.train.dot_precision,
-                                   cfg.model.embed_dim)
+        self.loss = MSDLoss(cfg.train.loss_impl, self.device, cfg.train.dot_precision, cfg.model.embed_dim)
         self.optimizer = self._build_optimizer()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -139,19 +136,21 @@ class Engine:
     def encode_keys(self, batch: Batch, offset: int = 0) -> None:
         """Keys phase: momentum embeddings written in place at rows ptr + offset + i. With
         several ranks, each embeds its own rows and every rank writes all of them."""
-        chunk = self.cfg.train.key_chunk
+        chunk = self.sizes.key_chunk
         parts = []
         for start in range(0, len(batch), chunk):
             part = batch.slice(start, start + chunk)
             with self.autocast():
-                k_img = self.teacher.encode_image(part.images).float()
-                k_txt = self.teacher.encode_text(part.input_ids, part.attention_mask).float()
+                k_img = self.teacher.encoder.encode_image(part.images).float()
+                k_txt = self.teacher.encoder.encode_text(part.input_ids, part.attention_mask).float()
             parts.append(torch.cat([k_img, k_txt], 1))
         keys = self.dist.all_gather(torch.cat(parts), "the keys all-gather")
         self.rings.write(offset, *keys.split(k_img.shape[1], dim=1))
 
-    def micro_batch_loss(self, micro: Batch, offset: int, divisor: int, alpha: float) -> torch.Tensor:
-        """Student rows ``offset ..`` of the effective batch against the whole ring."""
+    def micro_batch_loss(self, micro: Batch, offset: int, divisor: int,
+                         alpha: float) -> dict[str, torch.Tensor]:
+        """Student rows ``offset ..`` of the effective batch against the whole ring: the loss to
+        backpropagate and its contrastive and distillation parts (detached)."""
         student = self.model.student
         with self.autocast():
             img = student.encode_image(micro.images)
@@ -159,38 +158,32 @@ class Engine:
         rings = self.rings
         pos = rings.rows(offset, len(micro))
         # The teacher's own rows are its keys, already in the rings at the positive columns.
-        return self.loss_fn(img, txt, rings.img[pos], rings.txt[pos], rings.img, rings.txt, pos,
-                            rings.n_valid, self.model.tau, alpha, divisor)
+        return self.loss(img=img, txt=txt, img_m=rings.img[pos], txt_m=rings.txt[pos], ring_img=rings.img,
+                         ring_txt=rings.txt, pos=pos, n_valid=rings.n_valid, tau=self.model.tau, alpha=alpha,
+                         divisor=divisor)
 
-    def accumulate_gradients(self, batch: Batch) -> torch.Tensor:
+    def accumulate_gradients(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Keys and query phases of one effective batch (this rank's share of it); returns the
-        summed loss of these rows (no sync)."""
-        b = self.cfg.train.micro_batch_size
+        loss of these rows and its two parts, each summed over the micro-batches (no sync)."""
+        b = self.sizes.micro_batch_size
         # This rank's rows are rows first .. first + len(batch) - 1 of the effective batch n.
         n, first = len(batch) * self.dist.world, len(batch) * self.dist.rank
         alpha = self.alpha
         exact = self.cfg.train.accum_mode == "exact"
         if exact:
             self.encode_keys(batch)
-        total = torch.zeros((), device=self.device)
+        totals = {name: torch.zeros((), device=self.device) for name in LOSS_TERMS}
         for start in range(0, len(batch), b):
             micro = batch.slice(start, start + b)
             if not exact:
                 # ALBEF's order: EMA in every forward, then this micro-batch's keys alone.
-                self.ema_step()
+                self.teacher.update(self.student_flat, self.step)
                 self.encode_keys(micro, offset=start)
-            loss = self.micro_batch_loss(micro, first + start, n, alpha)
-            self.scaler.scale(loss).backward()
-            total += loss.detach()
-        return total
-
-    def ema_step(self) -> None:
-        self._ema(self.momentum_flat, self.student_flat, self.cfg.model.momentum, self.shadow_flat)
-
-    def refresh_shadow(self) -> None:
-        """Re-derive the bf16 teacher from the fp32 master (after loading a checkpoint)."""
-        if self.shadow_flat is not None:
-            self.shadow_flat.copy_(self.momentum_flat)
+            terms = self.micro_batch_loss(micro, first + start, n, alpha)
+            self.scaler.scale(terms["loss"]).backward()
+            for name in LOSS_TERMS:
+                totals[name] += terms[name].detach()
+        return totals
 
     def optimizer_step(self, n: int) -> torch.Tensor:
         """Sum the ranks' gradients, clip, step, clamp tau, EMA, advance the rings by ``n``;
@@ -207,22 +200,23 @@ class Engine:
         with torch.no_grad():
             self.model.tau.clamp_(m.tau_min, m.tau_max)
         if t.accum_mode == "exact":
-            self.ema_step()
+            self.teacher.update(self.student_flat, self.step)
         self.rings.advance(n)
         self.step += 1
         return grad_norm
 
-    def train_step(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step; ``batch`` is this rank's share of the effective batch."""
-        loss = self.accumulate_gradients(batch)
-        return loss, self.optimizer_step(len(batch) * self.dist.world)
+    def train_step(self, batch: Batch) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """One optimizer step; ``batch`` is this rank's share of the effective batch. Returns
+        the loss terms of ``accumulate_gradients`` and the grad norm."""
+        terms = self.accumulate_gradients(batch)
+        return terms, self.optimizer_step(len(batch) * self.dist.world)
 
     def check_in_sync(self) -> None:
         """Every rank must hold the same weights, momentum and rings; a divergence (a bug, a
         non-deterministic collective) is an error, not a silently different model per rank."""
         if not self.dist.active:
             return
-        mine = (fingerprint(self.student_flat, self.momentum_flat, self.rings.img, self.rings.txt),
+        mine = (fingerprint(self.student_flat, self.teacher.flat, self.rings.img, self.rings.txt),
                 self.rings.ptr, self.rings.n_valid)
         ranks = self.dist.all_gather_object(mine, "the consistency check")
         if any(r != ranks[0] for r in ranks):

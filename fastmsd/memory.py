@@ -8,14 +8,14 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm import tqdm
 
-from fastmsd.config import ConfigError, format_checkpointing, format_size, parse_size
+from fastmsd.config import ConfigError, StepSizes, format_checkpointing, format_size, parse_size
 
 
 def cap_cuda_memory(budget: int, device) -> float:
@@ -34,7 +34,7 @@ def cap_cuda_memory(budget: int, device) -> float:
     return fraction
 
 
-# The planner (DESIGN.md section 4): probe real steps, keep what fits, take the fastest.
+# The planner (docs/design.md, "The planner"): probe real steps, keep what fits, take the fastest.
 
 # Held back from the budget for what a probe does not see: allocator fragmentation over a long
 # run, the loader's next batch, the CUDA context's own growth.
@@ -82,6 +82,10 @@ class Plan:
     peak_bytes: int
     img_per_s: float
     device: str
+
+    @property
+    def sizes(self) -> StepSizes:
+        return StepSizes(self.micro_batch_size, self.key_chunk, self.checkpointing)
 
     @property
     def accumulation_steps(self) -> int:
@@ -281,7 +285,7 @@ class StepProbe:
         fill_rings(self.engine.rings)
         # One step allocates the AdamW state; gradients then stay allocated, as between the
         # micro-batches of a real step.
-        self.engine.cfg.train.micro_batch_size = 1
+        self.engine.sizes = replace(self.engine.sizes, micro_batch_size=1)
         self.engine.train_step(self.batch.slice(0, 1))
         self._restore_grads()
 
@@ -306,11 +310,11 @@ class StepProbe:
         engine = self.engine
         engine.model.set_checkpointing(image_every, text_every)
         micro = self.batch.slice(0, micro_batch)
-        return self._run(lambda: engine.micro_batch_loss(micro, 0, len(self.batch), 0.4).backward())
+        return self._run(lambda: engine.micro_batch_loss(micro, 0, len(self.batch), 0.4)["loss"].backward())
 
     def keys(self, chunk: int) -> Measurement:
         engine = self.engine
-        engine.cfg.train.key_chunk = chunk
+        engine.sizes = replace(engine.sizes, key_chunk=chunk)
         keys = self.batch.slice(0, chunk)
         return self._run(lambda: engine.encode_keys(keys))
 
@@ -342,9 +346,10 @@ def available_budget(budget: int, device) -> int:
 
 
 def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool = True) -> Plan | None:
-    """Apply ``--gpu-mem``: on a GPU, the plan (cached in ``cache_dir``) sets the micro-batch,
-    checkpointing and key chunk of ``cfg``, then the allocator is capped at the budget. The
-    probes run before the cap, so that they measure peaks above the budget instead of failing."""
+    """Apply ``--gpu-mem``: on a GPU, the plan (cached in ``cache_dir``) whose ``sizes`` (micro-
+    batch, checkpointing, key chunk) the engine is to run, after which the allocator is capped
+    at the budget. The probes run before the cap, so that they measure peaks above the budget
+    instead of failing."""
     t = cfg.train
     if t.gpu_mem is None:
         return None
@@ -364,15 +369,8 @@ def plan_for_run(cfg, cache_dir: Path, device, vocab_size: int, progress: bool =
         return probe_plan(cfg, max(vocab_size, cfg.model.vocab_size), device, budget, progress=progress)
 
     plan, cached = cached_plan(cache_dir, plan_key(cfg, props.name, props.total_memory, budget), make)
-    apply_plan(cfg, plan, device)
+    cap_cuda_memory(plan.budget_bytes, device)
     print(plan.describe() + (" (cached)" if cached else ""))
     return plan
 
 
-def apply_plan(cfg, plan: Plan, device) -> None:
-    """Set the plan's sizes in ``cfg`` and cap the allocator at its budget."""
-    t = cfg.train
-    t.micro_batch_size, t.key_chunk = plan.micro_batch_size, plan.key_chunk
-    t.checkpointing = plan.checkpointing
-    if device.type == "cuda":
-        cap_cuda_memory(plan.budget_bytes, device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastmsd.config import ConfigError, ModelConfig
+from fastmsd.momentum import MomentumTeacher
 
 # Architectures that can be built offline from a config alone (no hub access): BertConfig
 # overrides. Dropout is off in the tiny encoder because its runs are too short to overfit.
@@ -151,20 +151,13 @@ class Tower(nn.Module):
 
 
 class MSDModel(nn.Module):
-    """Student tower, its EMA (momentum) copy, and the learnable temperature."""
+    """Student tower, its momentum teacher, and the learnable temperature."""
 
-    def __init__(self, student: Tower, tau_init: float):
+    def __init__(self, student: Tower, tau_init: float, ema_decay: float):
         super().__init__()
         self.student = student
-        self.momentum = copy.deepcopy(student)
-        self.momentum.requires_grad_(False)
+        self.momentum = MomentumTeacher(student, ema_decay)
         self.tau = nn.Parameter(torch.tensor(float(tau_init)))
-
-    def train(self, mode: bool = True) -> MSDModel:
-        super().train(mode)
-        # The teacher is a fixed target inside a step: never dropout, never batch statistics.
-        self.momentum.eval()
-        return self
 
     def set_checkpointing(self, image_every: int, text_every: int) -> None:
         """Recompute the activations of every k-th block of each student encoder in backward
@@ -173,8 +166,9 @@ class MSDModel(nn.Module):
         set_block_checkpointing(self.student.text_encoder, text_every)
 
     def set_attention(self, sdpa: bool) -> None:
-        """Fused scaled-dot-product attention in all four encoders, or the eager matmul-softmax."""
-        for tower in (self.student, self.momentum):
+        """Fused scaled-dot-product attention in every encoder (the teacher's bf16 shadow too),
+        or the eager matmul-softmax."""
+        for tower in (self.student, *self.momentum.towers()):
             for module in tower.image_encoder.modules():
                 if hasattr(module, "fused_attn"):
                     module.fused_attn = sdpa
@@ -246,4 +240,4 @@ def checkpointed_blocks(encoder: nn.Module) -> list[bool]:
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> MSDModel:
     tower = Tower(build_image_encoder(cfg), build_text_encoder(cfg, vocab_size), cfg.embed_dim)
-    return MSDModel(tower, cfg.tau_init)
+    return MSDModel(tower, cfg.tau_init, cfg.ema_decay)

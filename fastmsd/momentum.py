@@ -1,7 +1,9 @@
-"""The momentum side: flat parameter buffers with a one-op EMA, and the two key rings."""
+"""The momentum side: the momentum teacher (an EMA copy of the student over one flat buffer) and
+the two rings of its keys."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -59,6 +61,75 @@ def select_ema(impl: str, device: torch.device) -> EMAFn:
     from fastmsd.kernels.ema import ema_update_
 
     return ema_update_
+
+
+class MomentumTeacher(nn.Module):
+    """The momentum teacher: an EMA copy of the student towers, whose embeddings fill the rings
+    and whose similarities make the soft targets.
+
+    It owns everything that keeps the copy: its parameters in one flat fp32 buffer, the EMA that
+    updates them from the student's flat buffer, and, under bf16 autocast, a bf16 shadow copy
+    that the keys phase runs instead of re-casting the fp32 weights in every forward (the EMA
+    rewrites it in the same pass). Only the fp32 copy is saved; loading it re-derives the shadow.
+    Call ``prepare`` once the model is on its device.
+    """
+
+    def __init__(self, student: nn.Module, decay: float):
+        super().__init__()
+        self.tower = copy.deepcopy(student).requires_grad_(False)
+        self.decay = decay
+        self.flat: torch.Tensor | None = None
+        # A list, not an attribute: the shadow is no submodule, so it stays out of the state
+        # dict and of .to(), which would otherwise replace its flat views.
+        self._shadow: list[nn.Module] = []
+        self._shadow_flat: torch.Tensor | None = None
+        self._ema: EMAFn = ema_update
+        self.register_load_state_dict_post_hook(lambda module, incompatible: module.refresh_shadow())
+
+    def prepare(self, ema_impl: str, bf16_shadow: bool) -> None:
+        """Flatten the copy's parameters (after ``.to(device)``, which would replace the views),
+        choose the EMA for ``--ema-impl``, and make the bf16 shadow if asked."""
+        self.flat = flatten_parameters(self.tower)
+        self._ema = select_ema(ema_impl, self.flat.device)
+        self._shadow.clear()
+        self._shadow_flat = None
+        if bf16_shadow:
+            shadow = copy.deepcopy(self.tower).to(torch.bfloat16)
+            self._shadow.append(shadow)
+            self._shadow_flat = flatten_parameters(shadow)
+
+    def train(self, mode: bool = True) -> MomentumTeacher:
+        # The teacher is a fixed target inside a step: never dropout, never batch statistics.
+        return super().train(False)
+
+    @property
+    def encoder(self) -> nn.Module:
+        """The tower the keys phase runs: the bf16 shadow when there is one."""
+        return self._shadow[0] if self._shadow else self.tower
+
+    def towers(self) -> list[nn.Module]:
+        """The fp32 copy and, when there is one, its bf16 shadow."""
+        return [self.tower, *self._shadow]
+
+    @property
+    def shadow_flat(self) -> torch.Tensor | None:
+        return self._shadow_flat
+
+    def get_decay(self, step: int) -> float:
+        """The EMA coefficient m at optimizer step ``step``: constant; a schedule overrides this."""
+        return self.decay
+
+    @torch.no_grad()
+    def update(self, student_flat: torch.Tensor, step: int) -> None:
+        """theta' <- m theta' + (1 - m) theta over the flat buffers, and the shadow with it."""
+        if self.flat is None:
+            raise RuntimeError("MomentumTeacher.prepare must run before the first update")
+        self._ema(self.flat, student_flat, self.get_decay(step), self._shadow_flat)
+
+    @torch.no_grad()
+    def refresh_shadow(self) -> None:
+        if self._shadow_flat is not None:
+            self._shadow_flat.copy_(self.flat)
 
 
 class Rings:

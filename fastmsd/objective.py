@@ -1,4 +1,4 @@
-"""The eager reference MSD loss (DESIGN.md section 1), the oracle and the baseline, and the
+"""The eager reference MSD loss (docs/design.md, "The objective"), the oracle and the baseline, and the
 dispatch between it and the fused Triton kernel.
 
 Both directions share one formula: student rows ``q`` against a ring ``bank`` of momentum
@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from fastmsd.config import ConfigError
 from fastmsd.kernels.dispatch import use_triton
@@ -47,18 +48,27 @@ def _direction(
     pos: torch.Tensor,
     tau: torch.Tensor | float,
     alpha: float,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of one direction, and (detached) its contrastive and
+    distillation parts: (1 - alpha) CE(onehot) and alpha CE(teacher)."""
     # At least fp32 (bf16 rows under autocast), fp64 kept for the oracle.
     dtype = torch.promote_types(q.dtype, torch.float32)
     bank = bank.to(dtype)
     logits = q.to(dtype) @ bank.T / tau
+    rows = torch.arange(len(pos), device=pos.device)
     with torch.no_grad():
         target = torch.zeros_like(logits)
         if alpha > 0:
             teacher = q_m.to(dtype) @ bank.T / tau
             target += alpha * teacher.softmax(dim=-1)
-        target[torch.arange(len(pos), device=pos.device), pos] += 1.0 - alpha
-    return -(target * F.log_softmax(logits, dim=-1)).sum()
+        soft = target.clone() if alpha > 0 else None
+        target[rows, pos] += 1.0 - alpha
+    log_p = F.log_softmax(logits, dim=-1)
+    loss = -(target * log_p).sum()
+    with torch.no_grad():
+        contrastive = -(1.0 - alpha) * log_p[rows, pos].sum()
+        distillation = -(soft * log_p).sum() if soft is not None else torch.zeros_like(contrastive)
+    return loss, contrastive, distillation
 
 
 def msd_loss_reference(
@@ -73,18 +83,24 @@ def msd_loss_reference(
     tau: torch.Tensor | float,
     alpha: float,
     divisor: int | None = None,
-) -> torch.Tensor:
+    output_dict: bool = False,
+) -> torch.Tensor | dict[str, torch.Tensor]:
     """Scalar MSD loss of one micro-batch, averaged over the image->text and text->image terms.
 
     img, txt: student rows [b, D]; img_m, txt_m: teacher rows [b, D]; ring_img, ring_txt: [Q, D]
     with the valid keys in rows ``0 .. n_valid - 1`` (a ring fills from row 0 and stays full);
     pos: long [b], the ring row of each row's own (positive) key; divisor: defaults to b.
+    ``output_dict``: {"loss", "contrastive", "distillation"}, the two parts detached (they sum to
+    the loss), each with the same mean and divisor.
     """
     _check(img, ring_img, ring_txt, pos, n_valid)
     divisor = img.shape[0] if divisor is None else divisor
     i2t = _direction(img, img_m, ring_txt[:n_valid], pos, tau, alpha)
     t2i = _direction(txt, txt_m, ring_img[:n_valid], pos, tau, alpha)
-    return (i2t + t2i) / (2 * divisor)
+    loss, contrastive, distillation = ((a + b) / (2 * divisor) for a, b in zip(i2t, t2i, strict=True))
+    if output_dict:
+        return {"loss": loss, "contrastive": contrastive, "distillation": distillation}
+    return loss
 
 
 def select_loss(impl: str, device: torch.device, precision: str = "tf32",
@@ -107,3 +123,26 @@ def select_loss(impl: str, device: torch.device, precision: str = "tf32",
             warnings.warn(f"--loss-impl auto takes the eager loss: {refused}", stacklevel=2)
             return msd_loss_reference
     return functools.partial(msd_loss, precision=precision)
+
+
+class MSDLoss(nn.Module):
+    """The MSD loss of one micro-batch against the rings, as a module: the fused kernel or the
+    eager reference, chosen once (``select_loss``), called with named arguments. Returns
+    {"loss", "contrastive", "distillation"} (the parts detached, for logging), or with
+    ``output_dict=False`` the loss alone."""
+
+    def __init__(self, impl: str = "auto", device: torch.device | str = "cpu", precision: str = "tf32",
+                 dim: int | None = None):
+        super().__init__()
+        self.fn = select_loss(impl, torch.device(device), precision, dim)
+
+    @property
+    def fused(self) -> bool:
+        return self.fn is not msd_loss_reference
+
+    def forward(self, *, img: torch.Tensor, txt: torch.Tensor, img_m: torch.Tensor, txt_m: torch.Tensor,
+                ring_img: torch.Tensor, ring_txt: torch.Tensor, pos: torch.Tensor, n_valid: int,
+                tau: torch.Tensor, alpha: float, divisor: int | None = None,
+                output_dict: bool = True) -> torch.Tensor | dict[str, torch.Tensor]:
+        return self.fn(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, alpha, divisor,
+                       output_dict)

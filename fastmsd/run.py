@@ -26,10 +26,9 @@ from fastmsd.data.cache import Cache
 from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
 from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
 from fastmsd.distributed import Dist, RankLost, from_env, shutdown
-from fastmsd.engine import Batch, Engine, resolve_precision
+from fastmsd.engine import LOSS_TERMS, Batch, Engine, resolve_precision
 from fastmsd.memory import (
     Plan,
-    apply_plan,
     available_budget,
     cap_cuda_memory,
     plan_for_run,
@@ -187,12 +186,12 @@ def build_loader(cfg: Config, paths: list[Path], device: torch.device, shard: tu
                            batch_size=cfg.train.batch_size // shard[1], num_threads=cfg.train.loader_workers)
 
 
-def out_of_memory_error(cfg: Config, plan: Plan | None, step: int, run_dir: Path,
-                        err: Exception) -> ConfigError:
+def out_of_memory_error(training: Training, err: Exception) -> ConfigError:
     """A step that ran out of memory: what was running, what to do, and where training resumes."""
-    t = cfg.train
+    plan, sizes = training.plan, training.engine.sizes
     what = plan.describe() if plan is not None else (
-        f"micro-batch {t.micro_batch_size}, checkpointing {t.checkpointing}, keys in chunks of {t.key_chunk}")
+        f"micro-batch {sizes.micro_batch_size}, checkpointing {sizes.checkpointing}, keys in chunks of "
+        f"{sizes.key_chunk}")
     if plan is not None:
         advice = ("the plan measured this step within the budget, so another process probably took GPU "
                   "memory (see nvidia-smi): free it, or lower --gpu-mem to what is free, which replans")
@@ -200,8 +199,8 @@ def out_of_memory_error(cfg: Config, plan: Plan | None, step: int, run_dir: Path
         advice = ("pass --gpu-mem with the memory this GPU has free to let the planner choose, or lower "
                   "--micro-batch-size / --key-chunk, or add --checkpointing all")
     first = str(err).splitlines()[0] if str(err) else "CUDA out of memory"
-    return ConfigError(f"out of memory in step {step + 1} ({first}) with {what}; {advice}; "
-                       f"{_resume_hint(run_dir)}")
+    return ConfigError(f"out of memory in step {training.engine.step + 1} ({first}) with {what}; {advice}; "
+                       f"{_resume_hint(training.run_dir)}")
 
 
 def periodic_eval(engine: Engine, tokenizer, cache: Cache, cfg: Config, run_dir: Path) -> dict:
@@ -277,96 +276,142 @@ def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
     return checkpoint, run_dir, cache or ensure_data(cfg.train.data, generate=False)
 
 
+@dataclass
+class Training:
+    """What one invocation of ``train`` works with, from set-up to the last step."""
+
+    cfg: Config
+    dist: Dist
+    device: torch.device
+    run_dir: Path
+    cache: Cache
+    tokenizer: object
+    input_ids: torch.Tensor  # the training split's tokens, on the host
+    attention_mask: torch.Tensor
+    engine: Engine
+    images: object  # the --loader: .batch(indices, step, prefetch) -> images on the device
+    stream: BatchStream
+    plan: Plan | None
+    trim: bool  # cut each batch's reports to its longest
+
+    @property
+    def mine(self) -> slice:
+        """This rank's rows of each effective batch."""
+        n_local = self.cfg.train.batch_size // self.dist.world
+        return slice(self.dist.rank * n_local, (self.dist.rank + 1) * n_local)
+
+
 def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, stop_after: int | None,
            generate_data: bool, progress: bool) -> Path:
+    training = _set_up(cfg, dist, device, resume, generate_data, progress)
+    _loop(training, stop_after, progress)
+    _finish(training)
+    return training.run_dir
+
+
+def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, generate_data: bool,
+            progress: bool) -> Training:
+    """Checks, the run folder, tokens, the plan, the engine, the loader; a checkpoint restored."""
+    # Cheap checks first: a bad setting must not wait for the data and the model.
     resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
         parse_size(cfg.train.gpu_mem)
     checkpoint, run_dir, cache = _prepare_run(cfg, dist, resume, generate_data)
     train_idx = cache.indices("train")
     tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main)
-    # Rank 0 plans for its share of the effective batch; every rank runs that plan.
+
+    # The plan: rank 0 plans for its share of the effective batch; every rank runs that plan.
     share = copy.deepcopy(cfg)
     share.train.batch_size //= dist.world
     plan = dist.on_main(lambda: plan_for_run(share, run_dir, device, len(tokenizer), progress), "planning")
-    if plan is not None:
-        apply_plan(cfg, plan, device)
-        if dist.is_main:
-            save_yaml(cfg, run_dir / CONFIG_FILE)
-    elif cfg.train.gpu_mem is not None and device.type == "cuda" and not dist.is_main:
-        # --no-plan: rank 0 capped itself in plan_for_run.
-        cap_cuda_memory(available_budget(parse_size(cfg.train.gpu_mem), device), device)
+    if cfg.train.gpu_mem is not None and device.type == "cuda" and not dist.is_main:
+        # Rank 0 capped itself in plan_for_run; with --no-plan there is no plan to say the budget.
+        if plan is None:
+            cap_cuda_memory(available_budget(parse_size(cfg.train.gpu_mem), device), device)
+        else:
+            cap_cuda_memory(plan.budget_bytes, device)
+
+    # The engine, from the same seed on every rank.
+    torch.manual_seed(cfg.train.seed)
+    engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device, dist,
+                    sizes=plan.sizes if plan is not None else None)
+    if dist.rank:  # dropout draws of its own for each rank (the weights are rank 0's)
+        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
+
+    # The data: every rank walks the same global shuffle and takes its own slice of each batch.
+    images = build_loader(cfg, cache.image_paths(train_idx), device, (dist.rank, dist.world))
+    stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)
     padding = cfg.train.report_padding
     trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 
-    torch.manual_seed(cfg.train.seed)
-    engine = Engine(cfg, build_model(cfg.model, len(tokenizer)), device, dist)
-    if dist.rank:  # dropout draws of its own for each rank (the weights are rank 0's)
-        torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
-    images = build_loader(cfg, cache.image_paths(train_idx), device, (dist.rank, dist.world))
-    # Every rank walks the same global shuffle and takes its own slice of each effective batch.
-    stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)
-    n_local = cfg.train.batch_size // dist.world
-    mine = slice(dist.rank * n_local, (dist.rank + 1) * n_local)
+    # Resume: weights, rings, optimizer, RNG streams and the data position.
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
         stream.load_state_dict(state.pop("data"))
         engine.load_state_dict(state)
-        engine.refresh_shadow()
         if dist.is_main:
             print(f"resumed {checkpoint} at step {engine.step}")
+    return Training(cfg, dist, device, run_dir, cache, tokenizer, input_ids, attention_mask, engine, images,
+                    stream, plan, trim)
 
+
+def _next_batch(training: Training) -> Batch:
+    """This rank's share of the next effective batch, on the device (the one after it prefetched)."""
+    t, mine, engine = training.cfg.train, training.mine, training.engine
+    idx = training.stream.next()[mine]
+    ids, mask = training.input_ids[idx], training.attention_mask[idx]
+    if training.trim:
+        ids, mask = trim_reports(ids, mask)
+    return Batch(training.images.batch(idx, engine.step, prefetch=training.stream.peek()[mine]),
+                 to_device(ids.long(), training.device, t.pin_memory),
+                 to_device(mask, training.device, t.pin_memory))
+
+
+def _loop(training: Training, stop_after: int | None, progress: bool) -> None:
+    """Optimizer steps up to --steps (or ``stop_after`` more), logging and checkpointing."""
+    cfg, dist, engine, run_dir = training.cfg, training.dist, training.engine, training.run_dir
     t = cfg.train
     last = t.steps if stop_after is None else min(t.steps, engine.step + stop_after)
     logger = Logger(run_dir) if dist.is_main else None
     bar = tqdm(total=t.steps, initial=engine.step, desc=f"train {run_dir.name}", unit="step",
                disable=not progress, dynamic_ncols=True)
-    window_loss = torch.zeros((), device=device)
+    # The loss terms summed on the device over a log interval: no host sync between logs.
+    window = torch.zeros(len(LOSS_TERMS), device=training.device)
     window_steps, window_start = 0, time.perf_counter()
-    memory = PeakMemory(device)
+    memory = PeakMemory(training.device)
     memory.reset()
     try:
         while engine.step < last:
-            idx = stream.next()[mine]
-            ids, mask = input_ids[idx], attention_mask[idx]
-            if trim:
-                ids, mask = trim_reports(ids, mask)
             try:
-                batch = Batch(images.batch(idx, engine.step, prefetch=stream.peek()[mine]),
-                              to_device(ids.long(), device, t.pin_memory),
-                              to_device(mask, device, t.pin_memory))
-                loss, grad_norm = engine.train_step(batch)
+                batch = _next_batch(training)
+                terms, grad_norm = engine.train_step(batch)
             except torch.OutOfMemoryError as err:
-                raise out_of_memory_error(cfg, plan, engine.step, run_dir, err) from None
+                raise out_of_memory_error(training, err) from None
             del batch  # before the next batch is loaded: two effective batches need not fit
-            window_loss += loss.detach()
+            window += torch.stack([terms[name] for name in LOSS_TERMS])
             window_steps += 1
             bar.update(1)
             if engine.step % t.log_every == 0 or engine.step == last:
                 # The only host syncs of the loop: once per log interval.
-                dist.all_reduce_sum_([window_loss], "the loss all-reduce")
-                metrics = {
-                    "loss": window_loss.item() / window_steps,
-                    "grad_norm": float(grad_norm),
-                    "lr": engine.scheduler.get_last_lr()[0],
-                    "tau": engine.model.tau.item(),
-                    "alpha": engine.alpha,
-                    "img_per_s": window_steps * t.batch_size / (time.perf_counter() - window_start),
-                    "ring_n_valid": engine.rings.n_valid,
-                    **memory.read(),
-                }
+                dist.all_reduce_sum_([window], "the loss all-reduce")
+                metrics = {**_loss_metrics(window, window_steps), "grad_norm": float(grad_norm),
+                           "lr": engine.scheduler.get_last_lr()[0], "tau": engine.model.tau.item(),
+                           "alpha": engine.alpha, "ring_n_valid": engine.rings.n_valid,
+                           "img_per_s": window_steps * t.batch_size / (time.perf_counter() - window_start),
+                           **memory.read()}
                 if logger is not None:
                     logger.log(engine.step, metrics)
                 shown = metrics.get("memory_reserved_bytes", metrics["memory_bytes"])
                 bar.set_postfix(loss=f"{metrics['loss']:.3f}", img_s=f"{metrics['img_per_s']:.0f}",
                                 mem=format_size(shown))
-                window_loss.zero_()
+                window.zero_()
                 window_steps, window_start = 0, time.perf_counter()
             if t.eval_every and engine.step % t.eval_every == 0 and logger is not None:
-                logger.log(engine.step, periodic_eval(engine, tokenizer, cache, cfg, run_dir))
+                scores = periodic_eval(engine, training.tokenizer, training.cache, cfg, run_dir)
+                logger.log(engine.step, scores)
             if engine.step % t.save_every == 0 or engine.step == last:
                 engine.check_in_sync()
-                state = {**engine.state_dict(), "data": stream.state_dict()}
+                state = {**engine.state_dict(), "data": training.stream.state_dict()}
                 if dist.is_main:
                     save_checkpoint(run_dir, engine.step, engine.model, engine.rings, state, t.keep_last)
     except RankLost as err:
@@ -375,17 +420,29 @@ def _train(cfg: Config, dist: Dist, device: torch.device, resume: str | None, st
         bar.close()
         if logger is not None:
             logger.close()
-    if t.eval_at_end and engine.step == t.steps and dist.is_main:
-        from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
 
-        try:
-            results = evaluate_synthcxr(engine.model, tokenizer, cache, cfg.model, device)
-        except ConfigError as err:
-            print(f"no zero-shot evaluation at the end: {err}")
-        else:
-            (run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
-            print(format_results(results))
-    return run_dir
+
+def _loss_metrics(window: torch.Tensor, steps: int) -> dict[str, float]:
+    """The interval's mean loss and its two parts: "loss", "loss_contrastive", "loss_distillation"."""
+    return {name if name == "loss" else f"loss_{name}": value / steps
+            for name, value in zip(LOSS_TERMS, window.tolist(), strict=True)}
+
+
+def _finish(training: Training) -> None:
+    """Zero-shot evaluation of the finished run (rank 0), saved beside its checkpoints."""
+    cfg, engine = training.cfg, training.engine
+    if not (cfg.train.eval_at_end and engine.step == cfg.train.steps and training.dist.is_main):
+        return
+    from fastmsd.eval.zeroshot import evaluate_synthcxr, format_results
+
+    try:
+        results = evaluate_synthcxr(engine.model, training.tokenizer, training.cache, cfg.model,
+                                    training.device)
+    except ConfigError as err:
+        print(f"no zero-shot evaluation at the end: {err}")
+    else:
+        (training.run_dir / "zeroshot.json").write_text(json.dumps(results, indent=2))
+        print(format_results(results))
 
 
 def load_trained(path: str | Path, device: torch.device):

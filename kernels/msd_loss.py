@@ -326,16 +326,17 @@ def msd_loss_forward(
     ring_img: torch.Tensor, ring_txt: torch.Tensor, pos: torch.Tensor, n_valid: int,
     tau: torch.Tensor, alpha: float, divisor: int, precision: str = "tf32",
     block_m: int | None = None, block_n: int | None = None, splits: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The loss (0-d fp32) and, for image->text and text->image, the [2, b] base-2
-    log-normalisers (student, teacher) that ``msd_loss_backward`` needs. Arguments as in
-    ``msd_loss``, already validated; ``tau`` a 0-d fp32 tensor. No autograd."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss (0-d fp32); its contrastive and distillation parts ([2] fp32, summing to the loss
+    up to rounding); and, for image->text and text->image, the [2, b] base-2 log-normalisers
+    (student, teacher) that ``msd_loss_backward`` needs. Arguments as in ``msd_loss``, already
+    validated; ``tau`` a 0-d fp32 tensor. No autograd."""
     b, dim = img.shape
     device = img.device
     tiles = _launch_tiles("forward", img, precision, block_m, block_n)
     row_blocks, n_splits, cols = _launch_shape(b, n_valid, device, tiles.block_m, tiles.block_n, splits)
     meta = _meta(alpha > 0, precision, tiles, dim, interpreting())
-    losses, lses = [], []
+    losses, lses, terms = [], [], torch.zeros(2, device=device)
     for q, qm, ring in ((img, img_m, ring_txt), (txt, txt_m, ring_img)):
         q, qm = q.detach().contiguous(), qm.detach().contiguous()
         stats = _empty(5, n_splits, b, device=device)
@@ -345,18 +346,22 @@ def msd_loss_forward(
         big_s = m_s.amax(0)
         lse_s2 = big_s + torch.log2((l_s * torch.exp2(m_s - big_s)).sum(0))
         s_pos = (q.float() * ring[pos].float()).sum(1) / tau
-        loss_rows = LN2.value * lse_s2 - (1.0 - alpha) * s_pos
+        lse_s = LN2.value * lse_s2
+        loss_rows = lse_s - (1.0 - alpha) * s_pos
+        terms[0] += (1.0 - alpha) * (lse_s - s_pos).sum()
         if alpha > 0:
             big_t = m_t.amax(0)
             scale_t = torch.exp2(m_t - big_t)
             sum_t = (l_t * scale_t).sum(0)
             lse_t2 = big_t + torch.log2(sum_t)
-            loss_rows = loss_rows - alpha * (w * scale_t).sum(0) / sum_t
+            teacher_mean = (w * scale_t).sum(0) / sum_t  # sum_j pi_ij s_ij
+            loss_rows = loss_rows - alpha * teacher_mean
+            terms[1] += alpha * (lse_s - teacher_mean).sum()
         else:
             lse_t2 = torch.zeros_like(lse_s2)
         losses.append(loss_rows.sum())
         lses.append(torch.stack([lse_s2, lse_t2]))
-    return (losses[0] + losses[1]) / (2 * divisor), lses[0], lses[1]
+    return (losses[0] + losses[1]) / (2 * divisor), terms / (2 * divisor), lses[0], lses[1]
 
 
 def msd_loss_backward(
@@ -445,15 +450,16 @@ class MSDLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, alpha, divisor, options):
         tau_f = tau.detach().reshape(()).float()
-        loss, lse_i2t, lse_t2i = msd_loss_forward(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid,
-                                                  tau_f, alpha, divisor, **options)
+        loss, terms, lse_i2t, lse_t2i = msd_loss_forward(img, txt, img_m, txt_m, ring_img, ring_txt, pos,
+                                                         n_valid, tau_f, alpha, divisor, **options)
         ctx.save_for_backward(img, txt, img_m, txt_m, ring_img, ring_txt, pos, tau_f, lse_i2t, lse_t2i)
         ctx.args = (n_valid, alpha, divisor, options)
         ctx.tau_shape, ctx.tau_dtype = tau.shape, tau.dtype
-        return loss
+        ctx.mark_non_differentiable(terms)  # logged, never trained on
+        return loss, terms
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_terms):
         img, txt, img_m, txt_m, ring_img, ring_txt, pos, tau, lse_i2t, lse_t2i = ctx.saved_tensors
         n_valid, alpha, divisor, options = ctx.args
         d_img, d_txt, d_tau = msd_loss_backward(grad_out, img, txt, img_m, txt_m, ring_img, ring_txt, pos,
@@ -474,13 +480,15 @@ def msd_loss(
     tau: torch.Tensor,
     alpha: float,
     divisor: int | None = None,
+    output_dict: bool = False,
     *,
     precision: str = "tf32",
     block_m: int | None = None,
     block_n: int | None = None,
     splits: int | None = None,
-) -> torch.Tensor:
-    """The fused MSD loss; same arguments and value as ``msd_loss_reference``.
+) -> torch.Tensor | dict[str, torch.Tensor]:
+    """The fused MSD loss; same arguments and value as ``msd_loss_reference`` (``output_dict``
+    too: the contrastive and distillation parts come from the forward's statistics).
 
     Differentiable with respect to ``img``, ``txt`` and ``tau`` (a one-element tensor, read on
     the device). ``precision`` sets the dot products of fp32 rows: "ieee" (exact fp32), "tf32",
@@ -493,8 +501,11 @@ def msd_loss(
     _validate(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, alpha, divisor, precision,
               block_m, block_n)
     options = dict(precision=precision, block_m=block_m, block_n=block_n, splits=splits)
-    return MSDLossFunction.apply(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau, float(alpha),
-                                 divisor, options)
+    loss, terms = MSDLossFunction.apply(img, txt, img_m, txt_m, ring_img, ring_txt, pos, n_valid, tau,
+                                        float(alpha), divisor, options)
+    if output_dict:
+        return {"loss": loss, "contrastive": terms[0], "distillation": terms[1]}
+    return loss
 
 
 def compile_for(arch: int, kernel: str, dtype: torch.dtype, precision: str, dim: int,

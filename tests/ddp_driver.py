@@ -25,7 +25,7 @@ def optimizer_step(self, n):
     grad_norm = _optimizer_step(self, n)
     if DUMP is not None and self.step == self.cfg.train.steps:
         os.makedirs(DUMP, exist_ok=True)
-        torch.save({"student": self.student_flat, "momentum": self.momentum_flat, "tau": self.model.tau.data,
+        torch.save({"student": self.student_flat, "momentum": self.teacher.flat, "tau": self.model.tau.data,
                     "ring_img": self.rings.img, "ring_txt": self.rings.txt, "ptr": self.rings.ptr,
                     "n_valid": self.rings.n_valid}, os.path.join(DUMP, f"rank{RANK}.pt"))
     return grad_norm

@@ -115,13 +115,13 @@ def test_out_of_memory_mid_run_is_reported_and_keeps_the_last_checkpoint(tmp_pat
                 device="fake GPU")
 
     def fake_plan(cfg, cache_dir, device, vocab_size, progress=True):
-        t = cfg.train
-        t.micro_batch_size, t.key_chunk, t.checkpointing = 16, 32, plan.checkpointing
         return plan
 
     real_step = Engine.train_step
+    sizes = []
 
     def step_that_runs_out(self, batch):
+        sizes.append(self.sizes)
         if self.step == 3:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real_step(self, batch)
@@ -138,7 +138,8 @@ def test_out_of_memory_mid_run_is_reported_and_keeps_the_last_checkpoint(tmp_pat
     last = tmp_path / "oom" / "checkpoints" / "step_00000002"
     assert f"{last}" in text and "--resume latest" in text
     assert ckpt.latest_checkpoint(tmp_path / "oom") == last and ckpt.is_complete(last)
-    assert "image=2,text=1" in (tmp_path / "oom" / "config.yaml").read_text()  # the plan was saved
+    assert set(sizes) == {plan.sizes}  # the engine ran the plan's sizes
+    assert "checkpointing: none" in (tmp_path / "oom" / "config.yaml").read_text()  # the user's setting
     monkeypatch.setattr(Engine, "train_step", real_step)
     train(run_config(last), resume="latest", progress=False)
     assert ckpt.latest_checkpoint(tmp_path / "oom").name == "step_00000006"

@@ -78,15 +78,18 @@ def test_naive_accumulation_differs():
 def test_step_clamps_tau_advances_ring_and_updates_momentum():
     cfg = micro_config(micro_batch_size=16)
     engine = make_engine(cfg)
-    before = engine.momentum_flat.clone()
+    before = engine.teacher.flat.clone()
     with torch.no_grad():
         engine.model.tau.fill_(0.0005)  # below the clamp
-    loss, grad_norm = engine.train_step(make_batch(cfg, 32))
-    assert math.isfinite(loss.item()) and math.isfinite(grad_norm.item())
+    terms, grad_norm = engine.train_step(make_batch(cfg, 32))
+    assert math.isfinite(terms["loss"].item()) and math.isfinite(grad_norm.item())
+    # The logged parts add up to the loss (alpha 0.4: both are present).
+    assert terms["contrastive"] > 0 and terms["distillation"] > 0
+    torch.testing.assert_close(terms["contrastive"] + terms["distillation"], terms["loss"])
     assert cfg.model.tau_min <= engine.model.tau.item() <= cfg.model.tau_max
     assert engine.rings.ptr == 32 and engine.rings.n_valid == 32 and engine.step == 1
-    expected = before + (1 - cfg.model.momentum) * (engine.student_flat - before)
-    torch.testing.assert_close(engine.momentum_flat, expected, rtol=0, atol=1e-6)
+    expected = before + (1 - cfg.model.ema_decay) * (engine.student_flat - before)
+    torch.testing.assert_close(engine.teacher.flat, expected, rtol=0, atol=1e-6)
     with torch.no_grad():
         engine.model.tau.fill_(3.0)
     engine.train_step(make_batch(cfg, 32, seed=5))
@@ -101,7 +104,7 @@ def test_keys_in_the_ring_are_the_momentum_embeddings():
     engine.rings.ptr = engine.rings.n_valid = 40
     engine.encode_keys(batch)
     with torch.no_grad():
-        want = engine.model.momentum.encode_image(batch.images)
+        want = engine.model.momentum.tower.encode_image(batch.images)
     rows = (40 + torch.arange(32)) % 64
     torch.testing.assert_close(engine.rings.img[rows], want, rtol=1e-5, atol=1e-6)
     assert engine.rings.n_valid == 64
@@ -158,9 +161,9 @@ def test_triton_loss_trains_like_the_eager_loss():
             engine.train_step(batch)
         engines[impl] = engine
     eager, triton = engines["eager"], engines["triton"]
-    assert triton.loss_fn is not eager.loss_fn
+    assert triton.loss.fused and not eager.loss.fused
     torch.testing.assert_close(triton.student_flat, eager.student_flat, rtol=0, atol=1e-6)
-    torch.testing.assert_close(triton.momentum_flat, eager.momentum_flat, rtol=0, atol=1e-6)
+    torch.testing.assert_close(triton.teacher.flat, eager.teacher.flat, rtol=0, atol=1e-6)
     torch.testing.assert_close(triton.model.tau, eager.model.tau, rtol=1e-5, atol=0)
     assert not torch.equal(eager.student_flat, make_engine(micro_config()).student_flat)  # it trained
 
@@ -173,13 +176,23 @@ def test_bf16_teacher_shadow_follows_the_ema(monkeypatch):
     monkeypatch.setattr(engine_module, "resolve_precision", lambda precision, device: "bf16")
     for ema_impl in ("foreach", "triton"):
         engine = make_engine(micro_config(micro_batch_size=16, ema_impl=ema_impl))
-        assert engine.teacher is not engine.model.momentum
-        assert all(p.dtype == torch.bfloat16 for p in engine.teacher.parameters())
+        teacher = engine.teacher
+        assert teacher.encoder is not teacher.tower
+        assert all(p.dtype == torch.bfloat16 for p in teacher.encoder.parameters())
         engine.train_step(make_batch(micro_config(), 32))
-        assert torch.equal(engine.shadow_flat, engine.momentum_flat.to(torch.bfloat16)), ema_impl
-        weights = torch.cat([p.detach().reshape(-1) for p in engine.teacher.parameters()])
-        assert torch.equal(weights, engine.shadow_flat)  # the tower's weights are the shadow
+        assert torch.equal(teacher.shadow_flat, teacher.flat.to(torch.bfloat16)), ema_impl
+        weights = torch.cat([p.detach().reshape(-1) for p in teacher.encoder.parameters()])
+        assert torch.equal(weights, teacher.shadow_flat)  # the tower's weights are the shadow
         assert engine.rings.img.dtype == torch.float32 and engine.rings.n_valid == 32
+        # The shadow is not saved: loading the fp32 weights re-derives it.
+        saved = {k: v.clone() for k, v in engine.model.state_dict().items()}
+        assert not any(k.startswith("momentum.") and v.dtype == torch.bfloat16 for k, v in saved.items())
+        teacher.flat.add_(1.0)
+        teacher.shadow_flat.zero_()
+        engine.model.load_state_dict(saved)
+        assert torch.equal(teacher.shadow_flat, teacher.flat.to(torch.bfloat16))
+        assert torch.equal(teacher.flat, torch.cat([saved[k].reshape(-1) for k in saved
+                                                    if k.startswith("momentum.")]))
 
 
 @pytest.mark.parametrize("sdpa", [True, False])
@@ -190,7 +203,7 @@ def test_bf16_teacher_takes_the_attention_switch(monkeypatch, sdpa):
     monkeypatch.setattr(engine_module, "resolve_precision", lambda precision, device: "bf16")
     engine = make_engine(micro_config(sdpa=sdpa))
     want = "sdpa" if sdpa else "eager"
-    for tower in (engine.model.student, engine.model.momentum, engine.teacher):
+    for tower in (engine.model.student, engine.teacher.tower, engine.teacher.encoder):
         assert tower.text_encoder.config._attn_implementation == want
 
 
@@ -200,7 +213,7 @@ def test_triton_ema_matches_the_torch_ema():
         engine = make_engine(micro_config(micro_batch_size=16, ema_impl=impl))
         engine.train_step(make_batch(micro_config(), 32))
         engines[impl] = engine
-    torch.testing.assert_close(engines["triton"].momentum_flat, engines["foreach"].momentum_flat,
+    torch.testing.assert_close(engines["triton"].teacher.flat, engines["foreach"].teacher.flat,
                                rtol=0, atol=1e-7)
 
 

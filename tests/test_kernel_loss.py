@@ -321,6 +321,23 @@ def test_summed_micro_batch_gradients_equal_one_batch():
     assert rel(tau.grad, whole_tau.grad) <= TOL
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0], ids=lambda a: f"alpha{a}")
+def test_loss_parts_match_the_reference(alpha):
+    """output_dict: the contrastive and distillation parts, from the forward's statistics."""
+    case = make_case(17, 64, 300, 300, 290)
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = case
+    tau = torch.tensor(0.07, device=TEST_DEVICE)
+    got = msd_loss(img.clone().requires_grad_(), txt, img_m, txt_m, ring_img, ring_txt, pos, 300, tau, alpha,
+                   40, output_dict=True, precision="ieee")
+    want = msd_loss_reference(*[x.cpu().double() if x.is_floating_point() else x.cpu() for x in case[:6]],
+                              pos.cpu(), 300, 0.07, alpha, 40, output_dict=True)
+    for name in ("loss", "contrastive", "distillation"):
+        assert abs(got[name].item() - want[name].item()) <= 1e-5 * abs(want["loss"].item()), name
+    assert got["loss"].requires_grad and not got["contrastive"].requires_grad
+    assert (got["distillation"].item() == 0.0) == (alpha == 0.0)
+    assert (got["contrastive"].item() == 0.0) == (alpha == 1.0)
+
+
 def test_writing_a_ring_between_forward_and_backward_is_an_error():
     img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(3, 16, 100, 100, 0)
     a = img.clone().requires_grad_()

@@ -97,7 +97,7 @@ def test_momentum_is_a_frozen_copy_in_eval_mode():
     model.train()
     assert not model.momentum.training and model.student.training
     assert all(not p.requires_grad for p in model.momentum.parameters())
-    student, momentum = model.student.state_dict(), model.momentum.state_dict()
+    student, momentum = model.student.state_dict(), model.momentum.tower.state_dict()
     assert student.keys() == momentum.keys()
     for name in student:
         assert torch.equal(student[name], momentum[name]), name
@@ -121,7 +121,7 @@ def test_base_preset_is_vit_b16_and_bert_base():
     model.set_checkpointing(1, 2)
     assert checkpointed_blocks(model.student.image_encoder) == [True] * 12
     assert checkpointed_blocks(model.student.text_encoder) == [True, False] * 6
-    assert not any(checkpointed_blocks(model.momentum.text_encoder))  # the teacher keeps none
+    assert not any(checkpointed_blocks(model.momentum.tower.text_encoder))  # the teacher keeps none
     model.set_checkpointing(0, 3)
     assert not any(checkpointed_blocks(model.student.image_encoder))
     assert checkpointed_blocks(model.student.text_encoder) == [True, False, False] * 4

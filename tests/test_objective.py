@@ -1,4 +1,4 @@
-"""The eager reference loss against independent formulations (DESIGN.md section 1)."""
+"""The eager reference loss against independent formulations (docs/design.md, "The objective")."""
 
 import pytest
 import torch
@@ -21,7 +21,7 @@ def make_inputs(b=6, d=8, q=20, n_valid=20, p=17, seed=0, dtype=torch.float64):
 
 
 def row_formula(q, q_m, bank, pos, tau, alpha):
-    """l_i = LSE(s_i) - alpha * sum_j pi_ij s_ij - (1 - alpha) s_i,pos (KERNELS.md 1.1)."""
+    """l_i = LSE(s_i) - alpha * sum_j pi_ij s_ij - (1 - alpha) s_i,pos (docs/design.md, "The objective")."""
     s = q @ bank.T / tau
     pi = torch.softmax(q_m @ bank.T / tau, dim=-1)
     return torch.logsumexp(s, -1) - alpha * (pi * s).sum(-1) - (1 - alpha) * s[torch.arange(len(pos)), pos]
@@ -36,6 +36,26 @@ def test_matches_row_formula(alpha, tau):
     want = (row_formula(img, img_m, ring_txt, pos, tau, alpha).sum()
             + row_formula(txt, txt_m, ring_img, pos, tau, alpha).sum()) / (2 * divisor)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0])
+def test_parts_are_the_contrastive_and_distillation_cross_entropies(alpha):
+    """output_dict: (1 - alpha) CE(onehot) and alpha CE(teacher), each from its own formula."""
+    img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_inputs()
+    tau, divisor = 0.07, 11
+    got = msd_loss_reference(img, txt, img_m, txt_m, ring_img, ring_txt, pos, 20, tau, alpha, divisor,
+                             output_dict=True)
+    rows = torch.arange(len(pos))
+
+    def parts(q, q_m, bank):
+        log_p = torch.log_softmax(q @ bank.T / tau, dim=-1)
+        pi = torch.softmax(q_m @ bank.T / tau, dim=-1)
+        return -(1 - alpha) * log_p[rows, pos].sum(), -alpha * (pi * log_p).sum()
+
+    (c1, d1), (c2, d2) = parts(img, img_m, ring_txt), parts(txt, txt_m, ring_img)
+    torch.testing.assert_close(got["contrastive"], (c1 + c2) / (2 * divisor))
+    torch.testing.assert_close(got["distillation"], (d1 + d2) / (2 * divisor))
+    torch.testing.assert_close(got["contrastive"] + got["distillation"], got["loss"].detach())
 
 
 def test_alpha_zero_current_batch_is_clip_loss():

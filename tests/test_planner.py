@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from fastmsd.config import ConfigError, parse_checkpointing
+from fastmsd.config import ConfigError, StepSizes, parse_checkpointing
 from fastmsd.memory import (
     CHECKPOINT_EVERY,
     MAX_KEY_CHUNK,
@@ -250,14 +250,15 @@ def test_plan_for_run_plans_once_then_reuses_the_cached_plan(tmp_path, monkeypat
     cfg = micro_config(batch_size=4096, queue_size=4096, gpu_mem="12G", checkpointing="none")
     plan = plan_for_run(cfg, tmp_path, device, vocab_size=300, progress=False)
     assert built == [300] and caps == [0.75]  # probed once (at the larger vocabulary), then capped
-    assert (cfg.train.micro_batch_size, cfg.train.key_chunk, cfg.train.checkpointing) == \
-        (plan.micro_batch_size, plan.key_chunk, plan.checkpointing)
+    # The sizes go to the engine; the config stays what the user asked for.
+    assert plan.sizes == StepSizes(plan.micro_batch_size, plan.key_chunk, plan.checkpointing)
+    assert (cfg.train.micro_batch_size, cfg.train.key_chunk) == (8, 16)
+    assert (plan.micro_batch_size, plan.key_chunk) != (8, 16)
     assert "planning for 12.0 GiB on Fake GPU" in capsys.readouterr().out
 
     again = micro_config(batch_size=4096, queue_size=4096, gpu_mem="12G")
     assert plan_for_run(again, tmp_path, device, vocab_size=300, progress=False) == plan
     assert built == [300] and "(cached)" in capsys.readouterr().out
-    assert again.train.micro_batch_size == plan.micro_batch_size
 
     # Another budget is another plan; --no-plan only caps.
     smaller = micro_config(batch_size=4096, queue_size=4096, gpu_mem="4G")
