@@ -6,19 +6,13 @@ from safetensors.torch import load_file
 
 import fastmsd.checkpoint as ckpt
 from fastmsd.engine import Engine
-from fastmsd.model import build_model
 from fastmsd.run import run_config, train
 from tests.conftest import micro_config
-
-
-def small_engine():
-    cfg = micro_config()
-    torch.manual_seed(0)
-    return Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), "cpu")
+from tests.helpers import make_engine
 
 
 def test_failure_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    engine = small_engine()
+    engine = make_engine(micro_config())
     first = ckpt.save_checkpoint(tmp_path, 1, engine.model, engine.rings, engine.state_dict())
     saved = engine.student_flat.clone()
     with torch.no_grad():
@@ -33,7 +27,7 @@ def test_failure_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
         ckpt.save_checkpoint(tmp_path, 2, engine.model, engine.rings, engine.state_dict())
     monkeypatch.undo()
     assert ckpt.latest_checkpoint(tmp_path) == first
-    restored = small_engine()
+    restored = make_engine(micro_config())
     state = ckpt.load_checkpoint(first, restored.model, restored.rings)
     assert state["step"] == 0
     assert torch.equal(restored.student_flat, saved)
@@ -44,14 +38,14 @@ def test_failure_while_writing_leaves_the_previous_checkpoint(tmp_path, monkeypa
 
 
 def test_keep_last_k(tmp_path):
-    engine = small_engine()
+    engine = make_engine(micro_config())
     for step in range(1, 6):
         ckpt.save_checkpoint(tmp_path, step, engine.model, engine.rings, engine.state_dict(), keep_last=2)
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["step_00000004", "step_00000005"]
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
-    engine = small_engine()
+    engine = make_engine(micro_config())
     path = ckpt.save_checkpoint(tmp_path, 3, engine.model, engine.rings, engine.state_dict())
     (path / "rings.safetensors").unlink()
     assert ckpt.latest_checkpoint(tmp_path) is None

@@ -4,14 +4,12 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from fastmsd import cli
 from fastmsd.config import Config, ConfigError, option_name, parse_size, preset, setting_of
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, assert_one_line_error, run_cli
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -26,20 +24,6 @@ def test_parse_size(text, expected):
 def test_parse_size_rejects(text):
     with pytest.raises(ConfigError):
         parse_size(text)
-
-
-def run_cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "fastmsd", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def assert_one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_malformed_gpu_mem(tmp_path):

@@ -6,8 +6,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fastmsd.data.datasets import (
     DATASETS,
@@ -18,6 +16,7 @@ from fastmsd.data.datasets import (
     read_dataset,
 )
 from fastmsd.data.synthcxr import CHEXPERT_COLUMNS, generate
+from tests.helpers import cr_dataset
 
 
 def _jpeg(path: Path) -> Path:
@@ -28,17 +27,9 @@ def _jpeg(path: Path) -> Path:
 
 def _dicom(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.Rows, ds.Columns, ds.SamplesPerPixel = "CR", 4, 4, 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = np.zeros((4, 4), np.uint16).tobytes()
+    ds = cr_dataset(Rows=4, Columns=4, SamplesPerPixel=1, BitsAllocated=16, BitsStored=12, HighBit=11,
+                    PixelRepresentation=0, PhotometricInterpretation="MONOCHROME2",
+                    PixelData=np.zeros((4, 4), np.uint16).tobytes())
     ds.save_as(path, enforce_file_format=True)
     return path
 

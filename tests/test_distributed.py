@@ -14,6 +14,7 @@ import torch
 import fastmsd.checkpoint as ckpt
 from fastmsd.config import save_yaml
 from tests.conftest import micro_config
+from tests.helpers import rel_err
 
 DRIVER = str(Path(__file__).with_name("ddp_driver.py"))
 STEPS = 4
@@ -53,10 +54,6 @@ def two_ranks(tmp_path_factory, synth_cache):
     return tmp, r
 
 
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def test_two_processes_train_like_one(two_ranks, synth_cache):
     tmp, _ = two_ranks
     one = subprocess.run([sys.executable, DRIVER, *_args(tmp, synth_cache, "one")], capture_output=True,
@@ -69,11 +66,11 @@ def test_two_processes_train_like_one(two_ranks, synth_cache):
     # ... and they equal one process running the same effective batch.
     assert (rank0["ptr"], rank0["n_valid"]) == (single["ptr"], single["n_valid"]) == (STEPS * 32 % 80, 80)
     for key in ("student", "momentum", "tau"):
-        assert rel(rank0[key], single[key]) <= 1e-5, key
+        assert rel_err(rank0[key], single[key]) <= 1e-5, key
     for key in ("ring_img", "ring_txt"):
         assert (rank0[key] - single[key]).abs().max() <= 1e-5, key
     # Training moved the student far more than the tolerance (the momentum copy lags at init).
-    assert rel(single["student"], single["momentum"]) > 100 * 1e-5
+    assert rel_err(single["student"], single["momentum"]) > 100 * 1e-5
     # Rank 0 alone logs and saves: one metrics line per step, one final checkpoint.
     lines = (tmp / "runs" / "two" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == STEPS

@@ -6,14 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastmsd.engine import Batch, Engine, alpha_at, lr_factor
-from fastmsd.model import build_model, checkpointed_blocks
+from fastmsd.engine import Batch, alpha_at, lr_factor
+from fastmsd.model import checkpointed_blocks
 from tests.conftest import micro_config
-
-
-def make_engine(cfg, seed=0):
-    torch.manual_seed(seed)
-    return Engine(cfg, build_model(cfg.model, cfg.model.vocab_size), "cpu")
+from tests.helpers import make_engine, rel_err
 
 
 def make_batch(cfg, n, seed=1):
@@ -35,10 +31,6 @@ def prefill(engine, ptr, n_valid, seed=2):
 
 def grads(engine):
     return {name: p.grad.clone() for name, p in engine.model.named_parameters() if p.grad is not None}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @pytest.mark.parametrize("ptr,n_valid", [(50, 64), (16, 16)])  # wrapping full ring; filling ring

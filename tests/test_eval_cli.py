@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,6 +9,7 @@ import torch
 import yaml
 
 from tests.conftest import micro_config
+from tests.helpers import assert_one_line_error, run_cli
 
 
 @pytest.fixture(scope="module")
@@ -21,19 +20,6 @@ def micro_run(tmp_path_factory, synth_cache):
     runs = tmp_path_factory.mktemp("runs")
     cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(runs), "micro"
     return train(cfg, progress=False)
-
-
-def run_cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "fastmsd", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
-
-
-def one_line_error(result, *needles):
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 def test_eval_writes_results_tables_and_plots(micro_run, tmp_path):
@@ -54,7 +40,7 @@ def test_prompt_file_with_unknown_class(micro_run, tmp_path):
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(prompts))
     r = run_cli("eval", str(micro_run), "--task", "zeroshot", "--prompts", str(tmp_path / "p.yaml"),
                 cwd=tmp_path)
-    one_line_error(r, "unknown class 'pneumothorax'")
+    assert_one_line_error(r, "unknown class 'pneumothorax'")
 
 
 def test_checkpoint_from_another_model(micro_run, tmp_path):
@@ -65,21 +51,21 @@ def test_checkpoint_from_another_model(micro_run, tmp_path):
     cfg = load_yaml(other / "config.yaml")
     cfg.model.embed_dim = 32  # the saved weights project to 16
     save_yaml(cfg, other / "config.yaml")
-    one_line_error(run_cli("eval", str(other), cwd=tmp_path), "does not fit this model")
+    assert_one_line_error(run_cli("eval", str(other), cwd=tmp_path), "does not fit this model")
 
 
 def test_cache_without_needed_labels_or_split(micro_run, synth_cache, tmp_path):
     cache = tmp_path / "cache"
     shutil.copytree(synth_cache, cache)
     (cache / "synthcxr-5x200.csv").unlink()
-    one_line_error(run_cli("eval", str(micro_run), "--task", "zeroshot", "--data", str(cache), cwd=tmp_path),
-                   "cannot make a 5x200 set")
+    r = run_cli("eval", str(micro_run), "--task", "zeroshot", "--data", str(cache), cwd=tmp_path)
+    assert_one_line_error(r, "cannot make a 5x200 set")
     rows = [json.loads(line) for line in (cache / "manifest.jsonl").read_text().splitlines()]
     for row in rows:
         row["labels"] = {k: None for k in row["labels"]}
     (cache / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(cache),
-                           cwd=tmp_path), "no items labelled")
+    assert_one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(cache),
+                                  cwd=tmp_path), "no items labelled")
 
     empty = tmp_path / "empty-test"
     shutil.copytree(synth_cache, empty)
@@ -87,9 +73,9 @@ def test_cache_without_needed_labels_or_split(micro_run, synth_cache, tmp_path):
     for row in rows:
         row["split"] = "train"
     (empty / "manifest.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(empty),
-                           cwd=tmp_path), "no items in split 'test'")
-    one_line_error(run_cli("eval", str(micro_run), "--seeds", "x", cwd=tmp_path), "--seeds")
+    assert_one_line_error(run_cli("eval", str(micro_run), "--task", "linear-probe", "--data", str(empty),
+                                  cwd=tmp_path), "no items in split 'test'")
+    assert_one_line_error(run_cli("eval", str(micro_run), "--seeds", "x", cwd=tmp_path), "--seeds")
 
 
 def test_eval_every_logs_with_the_training_metrics(synth_cache, tmp_path):

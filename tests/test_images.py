@@ -1,4 +1,3 @@
-import importlib.util
 import io
 import re
 from pathlib import Path
@@ -7,48 +6,27 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels import get_decoder
 from pydicom.uid import (
     MPEG2MPML,
-    ExplicitVRLittleEndian,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
     RLELossless,
-    generate_uid,
 )
 
 from fastmsd.data.images import RejectError, dicom_to_uint8, read_image, resize_shorter, to_uint8
+from tests.helpers import cr_dataset, rg1_files
 
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-
-
-def _rg1_dir() -> Path | None:
-    # find_spec, not pydicom.data.get_testdata_file: the latter goes to the network for missing files.
-    spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return folder if (folder / "RG1_UNCR.dcm").is_file() else None
-
-
-RG1_DIR = _rg1_dir()
-needs_rg1 = pytest.mark.skipif(RG1_DIR is None,
+RG1 = rg1_files()
+needs_rg1 = pytest.mark.skipif("RG1_UNCR" not in RG1,
                                reason="pydicom-data (data_store/data/RG1_*.dcm) not installed")
 
 
 def _dataset(pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int | None = None,
              **attrs) -> Dataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CR_STORAGE
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CR_STORAGE
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
+    ds = cr_dataset()
     ds.set_pixel_data(pixels, photometric, bits_stored or pixels.dtype.itemsize * 8)
     for key, value in attrs.items():
         setattr(ds, key, value)
@@ -71,7 +49,7 @@ def _linear(x: np.ndarray, center: float, width: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def rg1() -> dict[str, np.ndarray]:
-    return {name: read_image(RG1_DIR / f"RG1_{name}.dcm") for name in ("UNCR", "J2KR", "UNCI", "J2KI")}
+    return {name: read_image(RG1[f"RG1_{name}"]) for name in ("UNCR", "J2KR", "UNCI", "J2KI")}
 
 
 @needs_rg1
@@ -271,9 +249,9 @@ def test_not_dicom_and_truncated_dicom(tmp_path):
     half.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
     with pytest.raises(RejectError, match="^cannot decode DICOM pixel data .*less than expected"):
         read_image(half)
-    if RG1_DIR is not None:
+    if "RG1_J2KR" in RG1:
         # Encapsulated (JPEG 2000) data cut in half: pydicom drops the element, warning only.
-        data = (RG1_DIR / "RG1_J2KR.dcm").read_bytes()
+        data = RG1["RG1_J2KR"].read_bytes()
         half.write_bytes(data[: len(data) // 2])
         with pytest.warns(UserWarning), pytest.raises(RejectError, match="^truncated or corrupt DICOM"):
             read_image(half)

@@ -10,9 +10,8 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def run_from_root(*args: str) -> subprocess.CompletedProcess:

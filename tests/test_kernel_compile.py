@@ -10,15 +10,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fastmsd.kernels import msd_loss
 from fastmsd.kernels.gpu_compile import ARCHS, SHARED_MEMORY
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT
 
 
 def test_every_kernel_builds_and_fits_every_architecture(tmp_path):
@@ -41,7 +39,7 @@ def test_every_kernel_builds_and_fits_every_architecture(tmp_path):
     assert hopper_bf16 and all(r["wgmma"] for r in hopper_bf16)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS, ids=lambda arch: f"sm_{arch}")
 def test_every_mode_has_tiles_at_the_engines_width(arch):
     for kernel in msd_loss.KERNELS:
         for dtype, precision in msd_loss.MODES.values():

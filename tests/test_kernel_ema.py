@@ -21,8 +21,8 @@ def make(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, generator=g), torch.randn(n, generator=g)
 
 
-@pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("m", MOMENTA)
+@pytest.mark.parametrize("n", SIZES, ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("m", MOMENTA, ids=lambda m: f"m{m}")
 def test_matches_formula_and_lerp(n: int, m: float) -> None:
     t, s = make(n, seed=n + int(1000 * m))
     t_before = t.clone()
@@ -126,19 +126,28 @@ def _bad_inputs() -> list:
     bf16 = torch.bfloat16
     n = 8
     return [
-        (torch.zeros(n, dtype=torch.float64), torch.ones(n), 0.9, None, "momentum must be"),
-        (torch.zeros(n), torch.ones(n, dtype=bf16), 0.9, None, "student must be"),
-        (torch.zeros(n), torch.ones(n + 1), 0.9, None, "student has"),
-        (torch.zeros(n, 2).t(), torch.ones(2, n), 0.9, None, "momentum must be contiguous"),
-        (torch.zeros(n), torch.ones(2 * n)[::2], 0.9, None, "student must be contiguous"),
-        (torch.zeros(n), torch.ones(n, device="meta"), 0.9, None, "student is on meta"),
-        (torch.zeros(n), torch.ones(n), 1.0, None, r"\[0, 1\)"),
-        (torch.zeros(n), torch.ones(n), -0.1, None, r"\[0, 1\)"),
-        (torch.zeros(n), torch.ones(n), float("nan"), None, r"\[0, 1\)"),
-        (torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n), "shadow must be"),
-        (torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n - 1, dtype=bf16), "shadow has"),
-        (torch.zeros(n), torch.ones(n), 0.9, torch.zeros(2 * n, dtype=bf16)[::2], "shadow must be contig"),
-        (torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n, dtype=bf16, device="meta"), "shadow is on meta"),
+        pytest.param(torch.zeros(n, dtype=torch.float64), torch.ones(n), 0.9, None, "momentum must be",
+                     id="momentum-float64"),
+        pytest.param(torch.zeros(n), torch.ones(n, dtype=bf16), 0.9, None, "student must be",
+                     id="student-bf16"),
+        pytest.param(torch.zeros(n), torch.ones(n + 1), 0.9, None, "student has", id="student-longer"),
+        pytest.param(torch.zeros(n, 2).t(), torch.ones(2, n), 0.9, None, "momentum must be contiguous",
+                     id="momentum-strided"),
+        pytest.param(torch.zeros(n), torch.ones(2 * n)[::2], 0.9, None, "student must be contiguous",
+                     id="student-strided"),
+        pytest.param(torch.zeros(n), torch.ones(n, device="meta"), 0.9, None, "student is on meta",
+                     id="student-on-meta"),
+        pytest.param(torch.zeros(n), torch.ones(n), 1.0, None, r"\[0, 1\)", id="m1.0"),
+        pytest.param(torch.zeros(n), torch.ones(n), -0.1, None, r"\[0, 1\)", id="m-0.1"),
+        pytest.param(torch.zeros(n), torch.ones(n), float("nan"), None, r"\[0, 1\)", id="m-nan"),
+        pytest.param(torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n), "shadow must be",
+                     id="shadow-float32"),
+        pytest.param(torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n - 1, dtype=bf16), "shadow has",
+                     id="shadow-shorter"),
+        pytest.param(torch.zeros(n), torch.ones(n), 0.9, torch.zeros(2 * n, dtype=bf16)[::2],
+                     "shadow must be contig", id="shadow-strided"),
+        pytest.param(torch.zeros(n), torch.ones(n), 0.9, torch.zeros(n, dtype=bf16, device="meta"),
+                     "shadow is on meta", id="shadow-on-meta"),
     ]
 
 

@@ -56,6 +56,7 @@ import fastmsd.kernels.msd_loss as kernel
 from fastmsd.kernels.msd_loss import msd_loss
 from fastmsd.objective import msd_loss_reference
 from tests.conftest import TEST_DEVICE
+from tests.helpers import rel_err
 
 TOL = 1e-5
 FACTOR = 8.0
@@ -153,10 +154,6 @@ ROUNDINGS = {
 }
 
 
-def rel(x, y):
-    return ((x.double() - y).norm() / y.norm()).item()
-
-
 def fp64_and_eager(case, n_valid, tau, alpha, divisor):
     """The reference in fp64 (the truth) and in eager fp32 (the error fp32 itself makes)."""
     want = losses_and_grads(msd_loss_reference, [x.cpu() for x in case], n_valid, tau, alpha, divisor,
@@ -170,14 +167,14 @@ def rounding_error(mode, case, n_valid, tau, alpha, divisor, want):
     errors = [0.0] * len(NAMES)
     for rounding in ROUNDINGS[mode]:
         model = kernel_model(case, n_valid, tau, alpha, divisor, **rounding)
-        errors = [max(e, rel(x, y)) for e, x, y in zip(errors, model, want, strict=True)]
+        errors = [max(e, rel_err(x, y)) for e, x, y in zip(errors, model, want, strict=True)]
     return errors
 
 
 def mode_bounds(mode, case, n_valid, tau, alpha, divisor, want, eager):
     """Per output, what fp32 allows plus MODE_FACTOR times what ``mode``'s rounding costs."""
     rounding = rounding_error(mode, case, n_valid, tau, alpha, divisor, want)
-    return [max(FLOOR, FACTOR * rel(e, y)) + MODE_FACTOR * r
+    return [max(FLOOR, FACTOR * rel_err(e, y)) + MODE_FACTOR * r
             for e, y, r in zip(eager, want, rounding, strict=True)]
 
 
@@ -198,7 +195,7 @@ def assert_matches(got, want, bounds):
     """Each of loss, d_img, d_txt, d_tau within its bound (see the module docstring)."""
     for name, x, y, bound in zip(NAMES, got, want, bounds, strict=True):
         assert torch.isfinite(x).all(), name
-        assert rel(x, y) <= bound, (name, rel(x, y), bound)
+        assert rel_err(x, y) <= bound, (name, rel_err(x, y), bound)
 
 
 # (b, D, Q, n_valid, p, alpha, tau, divisor, splits): every b, D, alpha and tau at least once;
@@ -317,8 +314,8 @@ def test_summed_micro_batch_gradients_equal_one_batch():
     wa, wb = img.clone().requires_grad_(), txt.clone().requires_grad_()
     msd_loss(wa, wb, img_m, txt_m, ring_img, ring_txt, pos, 300, whole_tau, 0.4, 32,
              precision="ieee").backward()
-    assert rel(a.grad, wa.grad) <= TOL and rel(b.grad, wb.grad) <= TOL
-    assert rel(tau.grad, whole_tau.grad) <= TOL
+    assert rel_err(a.grad, wa.grad) <= TOL and rel_err(b.grad, wb.grad) <= TOL
+    assert rel_err(tau.grad, whole_tau.grad) <= TOL
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4, 1.0], ids=lambda a: f"alpha{a}")
@@ -349,18 +346,21 @@ def test_writing_a_ring_between_forward_and_backward_is_an_error():
 
 
 @pytest.mark.parametrize("change,message", [
-    (lambda c: {**c, "txt": c["txt"][:, :8]}, "must all be"),
-    (lambda c: {**c, "img": c["img"].double()}, "one dtype"),
-    (lambda c: {**c, "ring_img": c["ring_img"].half(), "ring_txt": c["ring_txt"].half()}, "one dtype"),
-    (lambda c: {**c, "img_m": torch.empty(3, 16, device="meta")}, "one device"),
-    (lambda c: {**c, "n_valid": 0}, "n_valid"),
-    (lambda c: {**c, "n_valid": 101}, "n_valid"),
-    (lambda c: {**c, "ring_txt": c["ring_txt"].t().contiguous().t()}, "contiguous"),
-    (lambda c: {**c, "pos": c["pos"].float()}, "pos"),
-    (lambda c: {**c, "tau": 0.07}, "tau must be a tensor"),
-    (lambda c: {**c, "alpha": 1.5}, "alpha"),
-    (lambda c: {**c, "block_n": 8}, "block_n must be a power of two >= 16"),
-    (lambda c: {**c, "block_m": 48}, "block_m must be a power of two >= 16"),
+    pytest.param(lambda c: {**c, "txt": c["txt"][:, :8]}, "must all be", id="txt-narrower"),
+    pytest.param(lambda c: {**c, "img": c["img"].double()}, "one dtype", id="img-float64"),
+    pytest.param(lambda c: {**c, "ring_img": c["ring_img"].half(), "ring_txt": c["ring_txt"].half()},
+                 "one dtype", id="rings-float16"),
+    pytest.param(lambda c: {**c, "img_m": torch.empty(3, 16, device="meta")}, "one device",
+                 id="img_m-on-meta"),
+    pytest.param(lambda c: {**c, "n_valid": 0}, "n_valid", id="n_valid0"),
+    pytest.param(lambda c: {**c, "n_valid": 101}, "n_valid", id="n_valid101-past-ring"),
+    pytest.param(lambda c: {**c, "ring_txt": c["ring_txt"].t().contiguous().t()}, "contiguous",
+                 id="ring_txt-column-major"),
+    pytest.param(lambda c: {**c, "pos": c["pos"].float()}, "pos", id="pos-float32"),
+    pytest.param(lambda c: {**c, "tau": 0.07}, "tau must be a tensor", id="tau-python-float"),
+    pytest.param(lambda c: {**c, "alpha": 1.5}, "alpha", id="alpha1.5"),
+    pytest.param(lambda c: {**c, "block_n": 8}, "block_n must be a power of two >= 16", id="block_n8"),
+    pytest.param(lambda c: {**c, "block_m": 48}, "block_m must be a power of two >= 16", id="block_m48"),
 ])
 def test_bad_input_is_a_value_error(change, message):
     img, txt, img_m, txt_m, ring_img, ring_txt, pos = make_case(3, 16, 100, 100, 0)
@@ -388,7 +388,7 @@ def test_the_model_without_rounding_is_the_reference():
         case = make_case(b, dim, q, n_valid, p, seed=b * 1000 + dim + q, dtype=dtype)
         want, _ = fp64_and_eager(case, n_valid, tau, alpha, divisor)
         for name, x, y in zip(NAMES, kernel_model(case, n_valid, tau, alpha, divisor), want, strict=True):
-            assert rel(x, y) <= 1e-12, name
+            assert rel_err(x, y) <= 1e-12, name
 
 
 @triton.jit
@@ -442,8 +442,8 @@ def assert_agrees(got, model, want, eager):
     some go) differ by a few percent of that error, a rounding that one of them skips by most
     of it."""
     for name, x, m, y, e in zip(NAMES, got, model, want, eager, strict=True):
-        allowed = max(FLOOR, FACTOR * rel(e, y)) + 0.2 * rel(m, y)
-        assert rel(x, m) <= allowed, (name, rel(x, m), allowed)
+        allowed = max(FLOOR, FACTOR * rel_err(e, y)) + 0.2 * rel_err(m, y)
+        assert rel_err(x, m) <= allowed, (name, rel_err(x, m), allowed)
 
 
 @pytest.mark.skipif(TEST_DEVICE != "cpu", reason="replays the GPU's rounding in the interpreter")

@@ -10,8 +10,8 @@ from tests.conftest import TEST_DEVICE
 pytestmark = pytest.mark.skipif(TEST_DEVICE != "cuda", reason="needs a GPU (FASTMSD_TEST_DEVICE=cuda)")
 
 
-@pytest.mark.parametrize("n", [1, 4097, 10_000_003])
-@pytest.mark.parametrize("m", [0.0, 0.5, 0.9, 0.995])
+@pytest.mark.parametrize("n", [1, 4097, 10_000_003], ids=lambda n: f"n{n}")
+@pytest.mark.parametrize("m", [0.0, 0.5, 0.9, 0.995], ids=lambda m: f"m{m}")
 def test_ema_within_one_rounding_of_lerp(n, m):
     """The interpreter's exact formula does not hold here: Triton contracts it to an FMA, like
     torch's CUDA lerp_. So: within one rounding of lerp_, and the bf16 shadow bit-exact."""

@@ -2,7 +2,6 @@
 
 import csv
 import hashlib
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -11,12 +10,11 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from fastmsd.data.cache import Cache
 from fastmsd.data.prepare import prepare, report_sections
 from fastmsd.data.synthcxr import generate
+from tests.helpers import cr_dataset, rg1_files
 
 
 def digest(path: Path) -> str:
@@ -102,13 +100,7 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_is_lost(tmp_path):
 
 
 def write_dicom(path: Path, pixels: np.ndarray | None) -> None:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PatientID = "CR", path.stem
+    ds = cr_dataset(PatientID=path.stem)
     if pixels is not None:
         ds.Rows, ds.Columns = pixels.shape
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -139,14 +131,6 @@ def test_dicom_without_pixel_data_is_rejected(tmp_path):
     assert counts == {"found": 2, "prepared": 1, "rejected": 1}
     assert list(rejects(out).values()) == ["DICOM without pixel data"]
     assert not Cache(out).has_reports
-
-
-def rg1_files() -> dict[str, Path]:
-    spec = importlib.util.find_spec("data_store")
-    if spec is None or not spec.submodule_search_locations:
-        return {}
-    folder = Path(next(iter(spec.submodule_search_locations))) / "data"
-    return {p.stem: p for p in folder.glob("RG1_*.dcm")}
 
 
 @pytest.mark.skipif(not {"RG1_UNCR", "RG1_J2KR"} <= rg1_files().keys(), reason="pydicom-data not installed")
