@@ -1,6 +1,7 @@
 """User errors: one line on stderr naming the problem, exit code 2, no traceback."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 import textwrap
@@ -66,6 +67,13 @@ def test_train_resume_eval_end_to_end(tmp_path, synth_cache):
     run = tmp_path / "runs" / "e2e"
     assert (run / "checkpoints" / "step_00000005").is_dir() and (run / "metrics.jsonl").is_file()
     assert any((run / "tb").iterdir())
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    # The loss and its two logged parts, which add up to it (alpha ramps up from 0 at step 0).
+    assert [row["step"] for row in rows] == [3, 5]  # each invocation logs its last step
+    for row in rows:
+        assert row["loss_contrastive"] > 0 and row["loss_distillation"] >= 0
+        assert abs(row["loss_contrastive"] + row["loss_distillation"] - row["loss"]) <= 1e-5 * row["loss"]
+    assert rows[-1]["loss_distillation"] > 0
     r = run_cli("eval", str(run), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "### Zero-shot, 5x200" in r.stdout and "### Linear probe" in r.stdout
