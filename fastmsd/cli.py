@@ -1,4 +1,4 @@
-"""The `fastmsd` command: train, plan, synth, prepare, eval.
+"""The `fastmsd` command: train, plan, synth, prepare, eval, embed.
 
 User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
 code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
@@ -126,6 +126,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0,1,2", help="linear-probe seeds (default 0,1,2)")
     ev.add_argument("--prompts", help="YAML file of zero-shot prompts (default: fastmsd/eval/prompts.yaml)")
     ev.add_argument("--device", default="auto")
+
+    em = sub.add_parser("embed", help="image and report embeddings of a trained model, written to a file")
+    em.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    em.add_argument("--images", help="a folder of .jpg/.jpeg/.png/.dcm/.dicom files (searched recursively), "
+                                     "a prepared cache, or a text file of image paths, one a line")
+    em.add_argument("--reports", help="a text file with one report a line, or a CSV with id and text columns")
+    em.add_argument("--out", required=True, help="FILE.safetensors or FILE.npz; the rows' ids go to "
+                                                 "FILE.ids.csv, unreadable images to FILE.rejects.csv")
+    em.add_argument("--batch-size", type=int, default=256, help="images decoded and embedded at a time")
+    em.add_argument("--device", default="auto")
+    em.add_argument("--bf16", action="store_true", help="bfloat16 autocast on a CUDA device")
+    em.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -257,10 +269,27 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"results, plots and the 5x200 list in {out}")
 
 
+def _embed(args: argparse.Namespace) -> None:
+    _positive(args, ["batch_size"])
+    if args.images is None and args.reports is None:
+        raise ConfigError("nothing to embed: give --images, --reports or both")
+    for option, value in (("run", args.run), ("--images", args.images), ("--reports", args.reports)):
+        if value is not None and not Path(value).exists():
+            raise ConfigError(f"{option} {value} not found")
+    from fastmsd.api import embed_to_file, output_files
+
+    counts = embed_to_file(args.run, args.out, args.images, args.reports, args.device, args.batch_size,
+                           args.bf16, progress=not args.no_progress)
+    out, ids, rejects = output_files(args.out)
+    print(f"embedded {counts['images']} images ({counts['rejected']} rejected, reasons in {rejects}) and "
+          f"{counts['reports']} reports into {out}; row ids in {ids}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval}
+        commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval,
+                    "embed": _embed}
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastmsd: error: {err}", file=sys.stderr)

@@ -57,3 +57,14 @@ def synth_cache(synth_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("synthcxr-cache")
     prepare("synthcxr", synth_root, out, size=64, workers=2, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory, synth_cache):
+    """A micro run trained for two steps on ``synth_cache`` (once per test module)."""
+    from fastmsd.run import train
+
+    cfg = micro_config(steps=2, batch_size=32, micro_batch_size=16, queue_size=64)
+    runs = tmp_path_factory.mktemp("runs")
+    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(runs), "micro"
+    return train(cfg, progress=False)

@@ -12,16 +12,6 @@ from tests.conftest import micro_config
 from tests.helpers import assert_one_line_error, run_cli
 
 
-@pytest.fixture(scope="module")
-def micro_run(tmp_path_factory, synth_cache):
-    from fastmsd.run import train
-
-    cfg = micro_config(steps=2, batch_size=32, micro_batch_size=16, queue_size=64)
-    runs = tmp_path_factory.mktemp("runs")
-    cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(runs), "micro"
-    return train(cfg, progress=False)
-
-
 def test_eval_writes_results_tables_and_plots(micro_run, tmp_path):
     r = run_cli("eval", str(micro_run), "--task", "all", "--seeds", "0", "--out", str(tmp_path / "ev"),
                 cwd=tmp_path)

@@ -17,7 +17,7 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["RejectError", "dicom_to_uint8", "read_image", "resize_shorter", "to_uint8"]
+__all__ = ["RejectError", "dicom_to_uint8", "pil_to_uint8", "read_image", "resize_shorter", "to_uint8"]
 
 # Robust window for images without a stored one: a few hot or dead pixels (burnt-in markers,
 # detector defects) must not stretch the window the way min/max would.
@@ -170,16 +170,21 @@ def _read_dicom(path: Path, has_preamble: bool) -> np.ndarray:
     return dicom_to_uint8(ds)
 
 
+def pil_to_uint8(im: Image.Image) -> np.ndarray:
+    """A decoded PIL image as uint8 [H, W], bright = dense, as ``read_image`` turns files into."""
+    if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
+        # High bit depth (16-bit PNG): windowed like a DICOM without a stored window.
+        return _percentile_uint8(np.asarray(im))
+    return np.array(im if im.mode == "L" else im.convert("L"))
+
+
 def _read_pil(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             # Image.open only parses the header; load() decodes, and with Pillow's default
             # LOAD_TRUNCATED_IMAGES = False it raises on a cut-off file instead of padding grey.
             im.load()
-            if im.mode in ("I;16", "I;16L", "I;16B", "I", "F"):
-                # High bit depth (16-bit PNG): windowed like a DICOM without a stored window.
-                return _percentile_uint8(np.asarray(im))
-            return np.array(im if im.mode == "L" else im.convert("L"))
+            return pil_to_uint8(im)
     except UnidentifiedImageError as exc:
         raise RejectError(f"not an image: {_reason(exc)}") from exc
     except (OSError, SyntaxError) as exc:

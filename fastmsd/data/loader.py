@@ -33,16 +33,22 @@ def _half_up(x: float) -> int:
     return math.floor(x + 0.5)
 
 
+def resize_crop(image: Image.Image | np.ndarray, size: int) -> np.ndarray:
+    """A grayscale image (PIL "L" or uint8 [H, W]) -> uint8 [size, size]: shorter side resized
+    to ``size`` (bilinear), centre crop; the evaluation geometry of every loader."""
+    im = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    w, h = im.size
+    scale = size / min(w, h)
+    im = im.resize((max(size, _half_up(w * scale)), max(size, _half_up(h * scale))),
+                   Image.Resampling.BILINEAR)
+    w, h = im.size
+    left, top = _half_up((w - size) / 2), _half_up((h - size) / 2)
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
 def _load_one(path: Path, size: int) -> np.ndarray:
     with Image.open(path) as im:
-        im = im.convert("L")
-        w, h = im.size
-        scale = size / min(w, h)
-        im = im.resize((max(size, _half_up(w * scale)), max(size, _half_up(h * scale))),
-                       Image.Resampling.BILINEAR)
-        w, h = im.size
-        left, top = _half_up((w - size) / 2), _half_up((h - size) / 2)
-        return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+        return resize_crop(im.convert("L"), size)
 
 
 def load_images(paths: Sequence[Path], size: int, desc: str = "decode") -> torch.Tensor:

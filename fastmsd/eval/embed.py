@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
@@ -13,17 +13,25 @@ from fastmsd.data.text import tokenize
 from fastmsd.model import Tower
 
 
-@torch.no_grad()
 def image_embeddings(tower: Tower, paths: Sequence[Path], cfg: ModelConfig, device: torch.device,
                      batch_size: int = 256) -> torch.Tensor:
     """[n, D] unit rows (fp32, on the CPU) of the images, resized and centre-cropped as in eval."""
-    images = load_images(paths, cfg.image_size, "eval images")
+    # Decoded batch by batch: a large test split never sits decoded in memory all at once.
+    batches = (load_images(paths[start : start + batch_size], cfg.image_size, "eval images")
+               for start in range(0, len(paths), batch_size))
+    return image_batch_embeddings(tower, batches, cfg.in_chans, device)
+
+
+@torch.no_grad()
+def image_batch_embeddings(tower: Tower, batches: Iterable[torch.Tensor], in_chans: int,
+                           device: torch.device) -> torch.Tensor:
+    """[n, D] unit rows (fp32, on the CPU) of image batches at the model's size: uint8 or [0, 1]
+    float [b, 1 or in_chans, size, size], normalised here as every loader does."""
     out = []
     with _eval_mode(tower):
-        for start in range(0, len(images), batch_size):
-            x = to_model_input(images[start : start + batch_size], cfg.in_chans).to(device)
-            out.append(tower.encode_image(x).float().cpu())
-    return torch.cat(out)
+        for images in batches:
+            out.append(tower.encode_image(to_model_input(images, in_chans).to(device)).float().cpu())
+    return torch.cat(out) if out else torch.empty(0, tower.image_proj.out_features)
 
 
 @torch.no_grad()
