@@ -86,14 +86,54 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
+def copy_weights(module: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``tensors`` into ``module`` in place, all or nothing.
+
+    torch's ``load_state_dict`` copies every tensor that fits before it raises on one that does
+    not, which would leave a half-loaded model behind the error; so every name and shape is
+    checked first, and the first misfit named in a one-line ConfigError.
+    """
+    expected = module.state_dict()
+    problem = None
+    for name, target in expected.items():
+        found = tensors.get(name)
+        if found is None:
+            problem = f"tensor {name} is missing"
+        elif found.shape != target.shape:
+            problem = (f"tensor {name} has shape {tuple(found.shape)}, this model's is "
+                       f"{tuple(target.shape)}")
+        if problem is not None:
+            break
+    else:
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            problem = f"tensor {extra[0]} is not in this model"
+    if problem is not None:
+        raise ConfigError(f"{source} does not fit this model (another preset or encoder?): {problem}")
+    module.load_state_dict(tensors)
+
+
 def load_weights(path: str | Path, model: nn.Module, device: torch.device | str = "cpu") -> None:
     """Copy a checkpoint's model weights into ``model`` in place."""
-    try:
-        model.load_state_dict(load_file(Path(path) / "model.safetensors", device=str(device)))
-    except RuntimeError as err:  # missing, unexpected or mis-shaped tensors: another model
-        detail = next((line.strip() for line in str(err).splitlines()[1:] if line.strip()), str(err))
-        raise ConfigError(f"checkpoint {path} does not fit this model (another preset or encoder?): "
-                          f"{detail}") from None
+    copy_weights(model, load_file(Path(path) / "model.safetensors", device=str(device)), f"checkpoint {path}")
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a path names: itself, or the latest of a run folder."""
+    path = Path(path)
+    checkpoint = path if is_complete(path) else latest_checkpoint(path)
+    if checkpoint is None:
+        raise ConfigError(f"{path} is neither a run with a checkpoint nor a checkpoint")
+    return checkpoint
+
+
+def student_weights(path: str | Path, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's student and temperature as a whole model's tensors, the momentum teacher a
+    copy of the student: the state a new run starts in (its teacher also begins as the student)."""
+    saved = load_file(Path(path) / "model.safetensors", device=str(device))
+    student = {k: v for k, v in saved.items() if k.startswith("student.")}
+    teacher = {"momentum.tower." + k.removeprefix("student."): v for k, v in student.items()}
+    return {**student, **teacher, **({"tau": saved["tau"]} if "tau" in saved else {})}
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, rings: Rings,

@@ -186,6 +186,9 @@ def _train(args: argparse.Namespace) -> None:
         raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
     if args.data is not None and not Path(args.data).is_dir():
         raise ConfigError(f"data folder {args.data} not found")
+    if args.init is not None and args.resume is not None:
+        raise ConfigError("--init starts a new run from trained weights and --resume continues a run: "
+                          "pass one of them")
     planned = [f"--{name.replace('_', '-')}" for name in ("micro_batch_size", "key_chunk", "checkpointing")
                if getattr(args, name) is not None]
     on_gpu = (args.device or "auto") != "cpu" and _cuda_available()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastmsd.checkpoint import copy_weights
 from fastmsd.config import ConfigError, ModelConfig
 from fastmsd.momentum import MomentumTeacher
 
@@ -56,17 +57,46 @@ def build_image_encoder(cfg: ModelConfig) -> nn.Module:
     import timm
 
     _check_image_name(cfg)
-    kwargs = dict(cfg.image_encoder_args)
-    pretrained = cfg.pretrained
+    pretrained = cfg.pretrained and cfg.image_weights is None
+    encoder = timm.create_model(cfg.image_encoder, pretrained=pretrained, num_classes=0,
+                                in_chans=cfg.in_chans, **cfg.image_encoder_args)
     if cfg.image_weights is not None:
-        weights = Path(cfg.image_weights)
-        if not weights.is_file():
-            raise ConfigError(f"image encoder weights {weights} not found")
-        pretrained = True
-        kwargs["pretrained_cfg_overlay"] = {"file": str(weights)}
-    return timm.create_model(
-        cfg.image_encoder, pretrained=pretrained, num_classes=0, in_chans=cfg.in_chans, **kwargs
-    )
+        load_image_weights(encoder, cfg.image_weights, cfg.in_chans)
+    return encoder
+
+
+def load_image_weights(encoder: nn.Module, path: str | Path, in_chans: int) -> None:
+    """A local timm checkpoint into ``encoder``: safetensors, or a torch file holding the tensors
+    or wrapping them (``state_dict_ema``, ``model_ema``, ``state_dict`` or ``model``, the EMA
+    first, as timm reads them), an RGB stem adapted to the encoder's channels.
+
+    timm's own loader (``pretrained_cfg_overlay={"file": ...}``) is not used: with the classifier
+    dropped (``num_classes=0``) it loads non-strictly, so a file lacking weights would leave them
+    at random, and a misfit tensor raises after the others were copied.
+    """
+    from timm.models import adapt_input_conv, load_state_dict
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"image encoder weights {path} not found")
+    try:
+        tensors = load_state_dict(str(path))
+    except Exception as err:  # a torch pickle holding more than tensors, a corrupt file
+        raise ConfigError(f"image encoder weights {path} unreadable: {str(err).splitlines()[0]}") from None
+    pretrained_cfg = encoder.pretrained_cfg
+    # As timm does for hub weights: the stem's input channels are adapted (summed for one channel);
+    # a stem that already has the encoder's channels is kept as it is.
+    base_chans = (pretrained_cfg.get("input_size") or (3,))[0]
+    first = pretrained_cfg.get("first_conv") or ()
+    for conv in (first,) if isinstance(first, str) else first:
+        name, target = f"{conv}.weight", encoder.get_submodule(conv).weight
+        if name in tensors and tensors[name].ndim == 4 and tensors[name].shape[1] != target.shape[1]:
+            tensors[name] = adapt_input_conv(in_chans, tensors[name], base_chans=base_chans)
+    classifier = pretrained_cfg.get("classifier") or ()
+    for head in (classifier,) if isinstance(classifier, str) else classifier:
+        tensors.pop(f"{head}.weight", None)
+        tensors.pop(f"{head}.bias", None)
+    copy_weights(encoder, tensors, f"image encoder weights {path}")
 
 
 def build_text_encoder(cfg: ModelConfig, vocab_size: int) -> nn.Module:

@@ -14,13 +14,16 @@ import torch
 from tqdm import tqdm
 
 from fastmsd.checkpoint import (
+    copy_weights,
+    find_checkpoint,
     is_complete,
     latest_checkpoint,
     load_checkpoint,
     load_weights,
     save_checkpoint,
+    student_weights,
 )
-from fastmsd.config import Config, ConfigError, format_size, load_yaml, parse_size, save_yaml
+from fastmsd.config import Config, ConfigError, ModelConfig, format_size, load_yaml, parse_size, save_yaml
 from fastmsd.data import dali
 from fastmsd.data.cache import Cache
 from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
@@ -33,7 +36,7 @@ from fastmsd.memory import (
     cap_cuda_memory,
     plan_for_run,
 )
-from fastmsd.model import build_model, check_encoder_names
+from fastmsd.model import TEXT_CONFIGS, build_model, check_encoder_names
 
 CONFIG_FILE = "config.yaml"
 # synthcxr is drawn at 256 px; its cache keeps that (the tiny preset trains at 64, base at 224).
@@ -110,18 +113,25 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path, save: bool = True):
+def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path, save: bool = True,
+               vocabulary: Path | None = None):
     """The run's tokenizer and the token arrays of ``indices``: the cache's own vocabulary and
     arrays, copied into the run folder (``save``, so that evaluation needs only the run); or,
-    when the text encoder is a local model folder, that model's tokenizer over the report texts."""
+    when the text encoder is a local model folder, that model's tokenizer over the report texts.
+
+    ``vocabulary`` is the tokenizer folder of the run ``--init`` starts from: its weights embed
+    that vocabulary's ids, so it replaces the cache's, whose WordPieces may be other ones."""
     source = Path(cfg.model.text_encoder)
     if source.is_dir():
         tokenizer = load_tokenizer(source)
         return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
-    tokenizer = cache.tokenizer()
+    cached = cache.tokenizer()
+    tokenizer = cached if vocabulary is None else load_tokenizer(vocabulary)
     if save:
         tokenizer.save_pretrained(run_dir / "tokenizer")
-    return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
+    if tokenizer is cached or tokenizer.get_vocab() == cached.get_vocab():
+        return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
+    return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
 
 
 class PeakMemory:
@@ -276,6 +286,43 @@ def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
     return checkpoint, run_dir, cache or ensure_data(cfg.train.data, generate=False)
 
 
+@dataclass(frozen=True)
+class Init:
+    """What ``--init`` starts a run from. Today a checkpoint (a run's latest or one named); an
+    exported model would be another source with the same two answers."""
+
+    path: Path
+    vocabulary: Path | None  # the tokenizer its text encoder was trained with, if the run made one
+
+    def weights(self, device: torch.device) -> dict:
+        """A whole model's tensors: the student and tau, the momentum teacher a copy of the student."""
+        return student_weights(self.path, device)
+
+
+# The model settings that shape the weights. Checked against the init's saved config before the
+# run folder is made: the tensor-by-tensor check comes only once the model is built.
+ARCHITECTURE = ("image_encoder", "image_encoder_args", "in_chans", "text_encoder", "text_encoder_args",
+                "embed_dim")
+
+
+def locate_init(source: str | Path, model: ModelConfig) -> Init:
+    """The ``--init`` source, its architecture checked against ``model``."""
+    try:
+        checkpoint = find_checkpoint(source)
+    except ConfigError as err:
+        raise ConfigError(f"--init: {err}") from None
+    trained = run_config(checkpoint).model
+    for name in ARCHITECTURE:
+        theirs, mine = getattr(trained, name), getattr(model, name)
+        # A local model folder may have moved since; its tensors are checked once the model is built.
+        moved = name == "text_encoder" and Path(mine).is_dir() and theirs not in TEXT_CONFIGS
+        if theirs != mine and not moved:
+            raise ConfigError(f"--init {source} was trained with {name} {theirs!r}, this run configures "
+                              f"{mine!r}: the architectures must match")
+    vocabulary = checkpoint.parent.parent / "tokenizer"
+    return Init(checkpoint, vocabulary if vocabulary.is_dir() else None)
+
+
 @dataclass
 class Training:
     """What one invocation of ``train`` works with, from set-up to the last step."""
@@ -316,9 +363,13 @@ def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, g
     resolve_precision(cfg.train.precision, device)
     if cfg.train.gpu_mem is not None:
         parse_size(cfg.train.gpu_mem)
+    # A resumed run's config still names the --init it started from; its checkpoint holds the weights.
+    init = locate_init(cfg.train.init, cfg.model) if cfg.train.init is not None and resume is None else None
     checkpoint, run_dir, cache = _prepare_run(cfg, dist, resume, generate_data)
     train_idx = cache.indices("train")
-    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main)
+    vocabulary = None if init is None else init.vocabulary
+    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main,
+                                                        vocabulary=vocabulary)
 
     # The plan: rank 0 plans for its share of the effective batch; every rank runs that plan.
     share = copy.deepcopy(cfg)
@@ -344,6 +395,11 @@ def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, g
     padding = cfg.train.report_padding
     trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 
+    # --init: trained weights, all else (optimizer, rings, schedule, data order) as in a new run.
+    if init is not None:
+        copy_weights(engine.model, init.weights(device), f"--init {cfg.train.init}")
+        if dist.is_main:
+            print(f"initialised from {init.path}")
     # Resume: weights, rings, optimizer, RNG streams and the data position.
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
@@ -448,10 +504,7 @@ def _finish(training: Training) -> None:
 def load_trained(path: str | Path, device: torch.device):
     """(config, model, tokenizer, checkpoint) of a run folder (its latest checkpoint) or of a
     checkpoint folder."""
-    path = Path(path)
-    checkpoint = path if is_complete(path) else latest_checkpoint(path)
-    if checkpoint is None:
-        raise ConfigError(f"{path} is neither a run with a checkpoint nor a checkpoint")
+    checkpoint = find_checkpoint(path)
     cfg = run_config(checkpoint)
     source = Path(cfg.model.text_encoder)
     tokenizer = load_tokenizer(source if source.is_dir() else checkpoint.parent.parent / "tokenizer")
