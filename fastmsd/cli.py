@@ -1,4 +1,4 @@
-"""The `fastmsd` command: train, plan, synth, prepare, eval.
+"""The `fastmsd` command: train, plan, synth, prepare, eval, export.
 
 User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
 code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
@@ -126,6 +126,13 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0,1,2", help="linear-probe seeds (default 0,1,2)")
     ev.add_argument("--prompts", help="YAML file of zero-shot prompts (default: fastmsd/eval/prompts.yaml)")
     ev.add_argument("--device", default="auto")
+
+    ex = sub.add_parser("export", help="write a run's student tower for transformers + timm, or open_clip")
+    ex.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ex.add_argument("--format", required=True, choices=["hf", "open_clip"],
+                    help="hf: text/ (transformers), image/ (timm weights), heads and config; "
+                         "open_clip: a local-dir: folder for open_clip.create_model")
+    ex.add_argument("--out", required=True, help="output folder (new or empty)")
     return parser
 
 
@@ -257,10 +264,18 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"results, plots and the 5x200 list in {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from fastmsd.export import export
+
+    out = export(args.run, args.format, args.out)
+    print(f"{args.format} export of {args.run} in {out} (see its README.md)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval}
+        commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval,
+                    "export": _export}
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastmsd: error: {err}", file=sys.stderr)
