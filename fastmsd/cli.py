@@ -1,4 +1,4 @@
-"""The `fastmsd` command: train, plan, synth, prepare, eval, embed.
+"""The `fastmsd` command: train, plan, synth, prepare, eval, embed, export.
 
 User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
 code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
@@ -138,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--device", default="auto")
     em.add_argument("--bf16", action="store_true", help="bfloat16 autocast on a CUDA device")
     em.add_argument("--no-progress", action="store_true")
+
+    ex = sub.add_parser("export", help="write a run's student tower for transformers + timm, or open_clip")
+    ex.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    ex.add_argument("--format", required=True, choices=["hf", "open_clip"],
+                    help="hf: text/ (transformers), image/ (timm weights), heads and config; "
+                         "open_clip: a local-dir: folder for open_clip.create_model")
+    ex.add_argument("--out", required=True, help="output folder (new or empty)")
     return parser
 
 
@@ -288,11 +295,18 @@ def _embed(args: argparse.Namespace) -> None:
           f"{counts['reports']} reports into {out}; row ids in {ids}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from fastmsd.export import export
+
+    out = export(args.run, args.format, args.out)
+    print(f"{args.format} export of {args.run} in {out} (see its README.md)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval,
-                    "embed": _embed}
+                    "embed": _embed, "export": _export}
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastmsd: error: {err}", file=sys.stderr)
