@@ -182,9 +182,14 @@ class Encoder:
 
 
 def load(path: str | Path, device: str | torch.device | None = None, bf16: bool = False) -> Encoder:
-    """An ``Encoder`` of a run folder (its latest checkpoint) or a checkpoint folder, on
-    ``device`` (default: CUDA when available, else the CPU)."""
+    """An ``Encoder`` of a run folder (its latest checkpoint), a checkpoint folder or an ``hf``
+    export (`fastmsd export`), on ``device`` (default: CUDA when available, else the CPU)."""
+    from fastmsd.export import is_export, read_hf_export
     from fastmsd.run import load_trained
+
+    if is_export(path):
+        cfg, tower, tau, tokenizer = read_hf_export(path)
+        return Encoder(tower, tokenizer, tau, cfg, device, bf16, str(path))
 
     # Built on the CPU, so the momentum teacher never takes device memory; it is freed with
     # ``model`` when this function returns, and only the student moves to the device.

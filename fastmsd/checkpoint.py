@@ -131,9 +131,16 @@ def student_weights(path: str | Path, device: torch.device | str = "cpu") -> dic
     """A checkpoint's student and temperature as a whole model's tensors, the momentum teacher a
     copy of the student: the state a new run starts in (its teacher also begins as the student)."""
     saved = load_file(Path(path) / "model.safetensors", device=str(device))
-    student = {k: v for k, v in saved.items() if k.startswith("student.")}
-    teacher = {"momentum.tower." + k.removeprefix("student."): v for k, v in student.items()}
-    return {**student, **teacher, **({"tau": saved["tau"]} if "tau" in saved else {})}
+    student = {k.removeprefix("student."): v for k, v in saved.items() if k.startswith("student.")}
+    return new_run_weights(student, saved.get("tau"))
+
+
+def new_run_weights(student: dict[str, torch.Tensor], tau: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """A whole model's tensors from a student tower's and tau: the momentum teacher a copy of the
+    student, as in any new run."""
+    prefixed = {f"student.{k}": v for k, v in student.items()}
+    teacher = {f"momentum.tower.{k}": v for k, v in student.items()}
+    return {**prefixed, **teacher, **({"tau": tau} if tau is not None else {})}
 
 
 def load_checkpoint(path: str | Path, model: nn.Module, rings: Rings,

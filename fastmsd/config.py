@@ -102,9 +102,9 @@ class TrainConfig:
         None, help="run name (default PRESET-DATE-TIME); the plan is cached in its folder")
     init: str | None = setting(
         None, train_only=True, metavar="RUN",
-        help="start a new run from a run's latest checkpoint or a checkpoint folder: its student (the "
-             "momentum teacher a copy of it) and temperature, with a fresh optimizer, rings and schedule; "
-             "not --resume")
+        help="start a new run from a run's latest checkpoint, a checkpoint folder or an hf export: its "
+             "student (the momentum teacher a copy of it) and temperature, with a fresh optimizer, rings "
+             "and schedule; not --resume")
     device: str = setting("auto", help="auto, cpu, cuda, cuda:1, ...")
     precision: str = setting(
         "auto", choices=("auto", "fp32", "bf16", "fp16"),

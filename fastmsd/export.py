@@ -20,14 +20,17 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
+from fastmsd.checkpoint import copy_weights
 from fastmsd.config import Config, ConfigError, ModelConfig
 from fastmsd.data.loader import MEAN, STD
-from fastmsd.model import MSDModel, Tower
+from fastmsd.data.text import load_tokenizer
+from fastmsd.model import MSDModel, Tower, build_image_encoder, build_text_encoder
 
 FORMATS = ("hf", "open_clip")
+DESCRIPTION = "fastmsd.json"
 # Embeddings of the exported model may differ from ours by float rounding only.
 TOLERANCE = 1e-5
 
@@ -328,9 +331,40 @@ def export_trained(cfg: Config, model: MSDModel, tokenizer, checkpoint: Path, fm
         else:
             _export_open_clip(cfg, tower, tau, tokenizer, out, verify)
         description = _description(cfg, tower, checkpoint, tau, fmt)
-        (out / "fastmsd.json").write_text(json.dumps(description, indent=2) + "\n")
+        (out / DESCRIPTION).write_text(json.dumps(description, indent=2) + "\n")
         (out / "README.md").write_text(model_card(cfg, checkpoint, fmt, tau))
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)  # half an export must not pass for a whole one
         raise
     return out
+
+
+def is_export(path: str | Path) -> bool:
+    return (Path(path) / DESCRIPTION).is_file()
+
+
+def export_description(path: str | Path) -> dict:
+    """An export's ``fastmsd.json``; only the ``hf`` format is one fastmsd reads back."""
+    description = json.loads((Path(path) / DESCRIPTION).read_text())
+    if description.get("format") != "hf":
+        raise ConfigError(f"{path} is a {description.get('format')} export, which open_clip reads; fastmsd "
+                          "reads back the hf format")
+    return description
+
+
+def read_hf_export(path: str | Path) -> tuple[ModelConfig, Tower, float, object]:
+    """(model settings, student tower, tau, tokenizer) of an ``hf`` export, on the CPU: what
+    ``fastmsd.load`` and ``--init`` take from it. Every tensor is checked before any is copied."""
+    path = Path(path)
+    d = export_description(path)
+    cfg = ModelConfig(image_encoder=d["image_encoder"], image_encoder_args=d["image_encoder_args"],
+                      image_size=d["image_size"], in_chans=d["in_chans"], text_encoder=str(path / "text"),
+                      max_len=d["max_len"], embed_dim=d["embed_dim"])
+    tokenizer = load_tokenizer(path / "text")
+    tower = Tower(build_image_encoder(cfg), build_text_encoder(cfg, len(tokenizer)), cfg.embed_dim)
+    copy_weights(tower.image_encoder, load_file(path / "image" / "model.safetensors"), f"export {path}")
+    heads = load_file(path / "heads.safetensors")
+    tau = float(heads.pop("tau"))
+    copy_weights(nn.ModuleDict({"image_proj": tower.image_proj, "text_proj": tower.text_proj}), heads,
+                 f"export {path}")
+    return cfg, tower.eval(), tau, tokenizer

@@ -20,6 +20,7 @@ from fastmsd.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_weights,
+    new_run_weights,
     save_checkpoint,
     student_weights,
 )
@@ -30,6 +31,7 @@ from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_devi
 from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
 from fastmsd.distributed import Dist, RankLost, from_env, shutdown
 from fastmsd.engine import LOSS_TERMS, Batch, Engine, resolve_precision
+from fastmsd.export import export_description, is_export, read_hf_export
 from fastmsd.memory import (
     Plan,
     available_budget,
@@ -288,15 +290,19 @@ def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
 
 @dataclass(frozen=True)
 class Init:
-    """What ``--init`` starts a run from. Today a checkpoint (a run's latest or one named); an
-    exported model would be another source with the same two answers."""
+    """What ``--init`` starts a run from: a checkpoint (a run's latest or one named) or an ``hf``
+    export."""
 
     path: Path
     vocabulary: Path | None  # the tokenizer its text encoder was trained with, if the run made one
 
     def weights(self, device: torch.device) -> dict:
         """A whole model's tensors: the student and tau, the momentum teacher a copy of the student."""
-        return student_weights(self.path, device)
+        if not is_export(self.path):
+            return student_weights(self.path, device)
+        _, tower, tau, _ = read_hf_export(self.path)
+        student = {k: v.to(device) for k, v in tower.state_dict().items()}
+        return new_run_weights(student, torch.tensor(tau, device=device))
 
 
 # The model settings that shape the weights. Checked against the init's saved config before the
@@ -307,20 +313,29 @@ ARCHITECTURE = ("image_encoder", "image_encoder_args", "in_chans", "text_encoder
 
 def locate_init(source: str | Path, model: ModelConfig) -> Init:
     """The ``--init`` source, its architecture checked against ``model``."""
+    if is_export(source):
+        # An export records no text_encoder_args: its text tensors are checked once the model is built.
+        trained = export_description(source)
+        for name in (n for n in ARCHITECTURE if n != "text_encoder_args"):
+            _same_architecture(source, name, trained[name], getattr(model, name))
+        return Init(Path(source), Path(source) / "text")
     try:
         checkpoint = find_checkpoint(source)
     except ConfigError as err:
         raise ConfigError(f"--init: {err}") from None
     trained = run_config(checkpoint).model
     for name in ARCHITECTURE:
-        theirs, mine = getattr(trained, name), getattr(model, name)
-        # A local model folder may have moved since; its tensors are checked once the model is built.
-        moved = name == "text_encoder" and Path(mine).is_dir() and theirs not in TEXT_CONFIGS
-        if theirs != mine and not moved:
-            raise ConfigError(f"--init {source} was trained with {name} {theirs!r}, this run configures "
-                              f"{mine!r}: the architectures must match")
+        _same_architecture(source, name, getattr(trained, name), getattr(model, name))
     vocabulary = checkpoint.parent.parent / "tokenizer"
     return Init(checkpoint, vocabulary if vocabulary.is_dir() else None)
+
+
+def _same_architecture(source: str | Path, name: str, theirs, mine) -> None:
+    # A local model folder may have moved since; its tensors are checked once the model is built.
+    moved = name == "text_encoder" and Path(mine).is_dir() and theirs not in TEXT_CONFIGS
+    if theirs != mine and not moved:
+        raise ConfigError(f"--init {source} was trained with {name} {theirs!r}, this run configures "
+                          f"{mine!r}: the architectures must match")
 
 
 @dataclass

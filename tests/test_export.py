@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from fastmsd.config import Config, ModelConfig, TrainConfig, save_yaml
+from fastmsd.config import Config, ConfigError, ModelConfig, TrainConfig, save_yaml
 from fastmsd.data.text import tokenize, train_wordpiece
 from tests.conftest import micro_config
 from tests.helpers import assert_one_line_error
@@ -217,3 +217,35 @@ def test_base_architecture_round_trips(tmp_path):
     check_hf(loaded, export_trained(*loaded, "hf", tmp_path / "hf"))
     # check_open_clip reloads it with open_clip: the export need not do so too.
     check_open_clip(loaded, export_trained(*loaded, "open_clip", tmp_path / "oc", verify=False))
+
+
+def test_fastmsd_reads_back_its_hf_export(tmp_path, capsys):
+    """`fastmsd.load` of the export embeds and classifies as `fastmsd.load` of the run, and
+    `--init EXPORT` starts from the same student as `--init RUN`."""
+    import fastmsd
+    from fastmsd.checkpoint import latest_checkpoint, student_weights
+    from fastmsd.run import locate_init
+
+    model = micro_config().model
+    run = make_run(tmp_path, model)
+    out = tmp_path / "hf"
+    assert cli(capsys, "export", str(run), "--format", "hf", "--out", str(out)).returncode == 0
+    from_run, from_export = fastmsd.load(run, device="cpu"), fastmsd.load(out, device="cpu")
+    images = torch.randint(0, 256, (3, 1, 80, 70), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(2))
+    assert (from_export.encode_images(images) - from_run.encode_images(images)).abs().max() < 1e-5
+    assert (from_export.encode_reports(REPORTS[:5]) - from_run.encode_reports(REPORTS[:5])).abs().max() < 1e-5
+    classes = {f"class {i}": group for i, group in enumerate(PROMPTS)}
+    gap = from_export.zero_shot(images, classes) - from_run.zero_shot(images, classes)
+    assert gap.abs().max() < 1e-5 and from_export.tau == pytest.approx(from_run.tau)
+
+    init = locate_init(out, model)
+    assert init.vocabulary == out / "text"
+    want = student_weights(latest_checkpoint(run))
+    got = init.weights(torch.device("cpu"))
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[k], want[k]) for k in want)
+    wider = micro_config().model
+    wider.embed_dim = 32
+    with pytest.raises(ConfigError, match="trained with embed_dim 16, this run configures 32"):
+        locate_init(out, wider)
