@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -64,6 +65,17 @@ def cr_dataset(**attrs) -> Dataset:
     for key, value in attrs.items():
         setattr(ds, key, value)
     return ds
+
+
+def write_dicom(path: Path, pixels: np.ndarray | None) -> None:
+    """A 12-bit MONOCHROME2 CR file holding ``pixels`` (none at all when None)."""
+    ds = cr_dataset(PatientID=path.stem)
+    if pixels is not None:
+        ds.Rows, ds.Columns = pixels.shape
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
 
 
 def rg1_files() -> dict[str, Path]:

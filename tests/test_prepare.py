@@ -14,7 +14,7 @@ from PIL import Image
 from fastmsd.data.cache import Cache
 from fastmsd.data.prepare import prepare, report_sections
 from fastmsd.data.synthcxr import generate
-from tests.helpers import cr_dataset, rg1_files
+from tests.helpers import rg1_files, write_dicom
 
 
 def digest(path: Path) -> str:
@@ -97,16 +97,6 @@ def test_bad_inputs_are_rejected_with_reasons_and_nothing_is_lost(tmp_path):
     assert reason(missing).startswith("image file not found")
     prepared = {row["id"] for row in Cache(out).rows}
     assert len(prepared) == counts["prepared"] and not any(p.stem in prepared for p in images[:6])
-
-
-def write_dicom(path: Path, pixels: np.ndarray | None) -> None:
-    ds = cr_dataset(PatientID=path.stem)
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = pixels.astype(np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
 
 
 def rsna_layout(root: Path, dicoms: dict[str, Path | np.ndarray | None]) -> Path:

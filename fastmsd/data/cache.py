@@ -39,6 +39,28 @@ class Cache:
     def has_reports(self) -> bool:
         return self.tokens is not None
 
+    @property
+    def mask_findings(self) -> tuple[str, ...]:
+        """The label columns with a segmentation mask for every item (caches from before masks: none)."""
+        return tuple(self.info.get("masks", ()))
+
+    @property
+    def has_masks(self) -> bool:
+        return bool(self.mask_findings)
+
+    def mask_paths(self, indices: list[int], finding: str | None = None) -> list[Path]:
+        """The mask PNGs (255 = ``finding``) of the items, on their images' grid; ``finding`` may be
+        left out when the cache has masks of one finding only."""
+        if finding is None:
+            if len(self.mask_findings) != 1:
+                raise ConfigError(f"cache {self.root} has masks of {list(self.mask_findings) or 'no finding'}: "
+                                  "name the finding")
+            finding = self.mask_findings[0]
+        if finding not in self.mask_findings:
+            raise ConfigError(f"cache {self.root} has no {finding!r} masks "
+                              f"(it has: {', '.join(self.mask_findings) or 'none'})")
+        return [self.root / self.rows[i]["masks"][finding] for i in indices]
+
     def indices(self, split: str) -> list[int]:
         found = [i for i, row in enumerate(self.rows) if row["split"] == split]
         if not found:

@@ -30,6 +30,13 @@ The single-finding datasets carry their own binary labels: ``rsna-pneumonia``
 ``{"Pneumonia": 0/1}``, ``covidx`` ``{"COVID-19": 0/1}``, ``siim-pneumothorax``
 ``{"Pneumothorax": 0/1}``.
 
+Masks
+-----
+``siim-pneumothorax``, ``rsna-pneumonia`` and ``synthcxr`` (a set with a ``masks/`` folder) give
+every item a mask source per label column (:mod:`fastmsd.data.masks`): the union of the image's
+run-length masks, of its boxes, or synthcxr's PNG. Nothing is decoded here; ``prepare`` renders
+and checks them.
+
 Splits
 ------
 CheXpert, MIMIC-CXR / synthcxr and COVIDx ship their splits. RSNA Pneumonia and SIIM
@@ -51,8 +58,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+from .masks import BoxMask, FileMask, MaskSource, RleMask, mask_folder
 from .mimic import read_mimic_cxr
 from .synthcxr import CHEXPERT_COLUMNS
+from .synthcxr.labels import FINDING_COLUMN, MASKED_FINDINGS
 
 __all__ = [
     "DATASETS",
@@ -90,6 +99,8 @@ class Item:
     study: str | None
     labels: dict[str, float | None] = field(hash=False)
     report: str | None          # raw report text (MIMIC-CXR, synthcxr), else None
+    # label column -> where its segmentation mask comes from (SIIM, RSNA, synthcxr), else empty
+    masks: dict[str, MaskSource] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -194,6 +205,9 @@ def _mimic_reader(dataset: str) -> _Reader:
         found: _Found = []
         rejects: list[Reject] = []
         reports: dict[Path, str | _Unreadable] = {}
+        # Sets generated before synthcxr drew masks have no masks/ folder: their items get none.
+        masked = [FINDING_COLUMN[f] for f in MASKED_FINDINGS] \
+            if dataset == "synthcxr" and (root / "masks").is_dir() else []
         for rec in read_mimic_cxr(root, frontal_only=frontal_only):
             # read_mimic_cxr gives no CSV line numbers; the image path names the row as well.
             source = rec.image_path.relative_to(root).as_posix()
@@ -211,7 +225,8 @@ def _mimic_reader(dataset: str) -> _Reader:
             _keep_if_present(source, Item(
                 id=_safe_id(rec.dicom_id), dataset=dataset, image=rec.image_path, split=rec.split,
                 view=rec.view or None, patient=rec.subject_id, study=rec.study_id, labels=labels,
-                report=report), found, rejects)
+                report=report, masks={column: FileMask(root / "masks" / mask_folder(column) / f"{rec.dicom_id}.png")
+                                      for column in masked}), found, rejects)
         return found, rejects
     return read
 
@@ -277,14 +292,14 @@ def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, l
 
 # --------------------------------------------------------------------------- RSNA Pneumonia
 
-_Positives = dict[str, tuple[str, bool]]
+_Positives = dict[str, tuple[str, bool, list[dict[str, str]]]]
 
 
 def _positives_by_id(path: Path, id_column: str, value_column: str,
                      positive: Callable[[str], bool | None]) -> tuple[_Positives, list[Reject]]:
     """Rows of a label CSV with several rows per image (one per box or mask), folded into
-    id -> (first row's source, any row positive). A row whose value ``positive`` cannot read
-    (None) is rejected."""
+    id -> (first row's source, any row positive, the positive rows). A row whose value
+    ``positive`` cannot read (None) is rejected."""
     found: _Positives = {}
     rejects: list[Reject] = []
     with _open_csv(path, (id_column, value_column)) as reader:
@@ -299,8 +314,8 @@ def _positives_by_id(path: Path, id_column: str, value_column: str,
                 rejects.append(Reject(source, f"malformed row: {id_column} {key!r}, "
                                               f"{value_column} {value[:40]!r}"))
                 continue
-            first, any_positive = found.get(key, (source, False))
-            found[key] = (first, any_positive or is_positive)
+            first, any_positive, rows = found.get(key, (source, False, []))
+            found[key] = (first, any_positive or is_positive, rows + [row] if is_positive else rows)
     return found, rejects
 
 
@@ -318,11 +333,18 @@ def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
     patients, rejects = _positives_by_id(_require(root / "stage_2_train_labels.csv", "rsna-pneumonia"),
                                          "patientId", "Target", {"0": False, "1": True}.get)
     found: _Found = []
-    for pid, (source, positive) in patients.items():
+    for pid, (source, positive, rows) in patients.items():
+        try:
+            boxes = tuple(tuple(float(row[c]) for c in ("x", "y", "width", "height")) for row in rows)
+        except (KeyError, TypeError, ValueError):
+            rejects.append(Reject(source, "malformed box: a Target 1 row needs numbers in x, y, "
+                                          "width and height"))
+            continue
         _keep_if_present(source, Item(
             id=_safe_id(pid), dataset="rsna-pneumonia", image=images / f"{pid}.dcm",
             split=hash_split(pid, seed), view=None, patient=pid, study=None,
-            labels={"Pneumonia": 1.0 if positive else 0.0}, report=None), found, rejects)
+            labels={"Pneumonia": 1.0 if positive else 0.0}, report=None,
+            masks={"Pneumonia": BoxMask(boxes)}), found, rejects)
     return found, rejects
 
 
@@ -370,7 +392,7 @@ def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
                                        "ImageId", "EncodedPixels", _rle_positive)
     on_disk = {p.stem: p for p in folder.rglob("*.dcm")}
     found: _Found = []
-    for image_id, (source, positive) in images.items():
+    for image_id, (source, positive, rows) in images.items():
         path = on_disk.get(image_id)
         if path is None:
             rejects.append(Reject(source, f"image file not found: {folder}/**/{image_id}.dcm"))
@@ -381,7 +403,8 @@ def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
             id=_safe_id(image_id), dataset="siim-pneumothorax", image=path,
             split=hash_split(image_id, seed), view=None, patient=image_id,
             study=path.parent.parent.name if nested else None,
-            labels={"Pneumothorax": 1.0 if positive else 0.0}, report=None)))
+            labels={"Pneumothorax": 1.0 if positive else 0.0}, report=None,
+            masks={"Pneumothorax": RleMask(tuple(row["EncodedPixels"].strip() for row in rows))})))
     return found, rejects
 
 

@@ -17,7 +17,8 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["RejectError", "dicom_to_uint8", "pil_to_uint8", "read_image", "resize_shorter", "to_uint8"]
+__all__ = ["RejectError", "dicom_to_uint8", "pil_to_uint8", "read_image", "resize_shorter", "shorter_side_shape",
+           "to_uint8"]
 
 # Robust window for images without a stored one: a few hot or dead pixels (burnt-in markers,
 # detector defects) must not stretch the window the way min/max would.
@@ -223,6 +224,13 @@ def read_image(path: str | Path) -> np.ndarray:
         raise RejectError(f"cannot decode image: {_reason(exc)}") from exc
 
 
+def shorter_side_shape(shape: tuple[int, int], size: int) -> tuple[int, int]:
+    """The (H, W) that :func:`resize_shorter` gives an image of ``shape``: masks must land on it."""
+    h, w = shape
+    scale = size / min(h, w)
+    return (max(1, round(h * scale)), size) if w <= h else (size, max(1, round(w * scale)))
+
+
 def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
     """Resize a uint8 [H, W] image so that its shorter side is ``size``, keeping the aspect ratio."""
     if img.dtype != np.uint8 or img.ndim != 2:
@@ -233,7 +241,7 @@ def resize_shorter(img: np.ndarray, size: int) -> np.ndarray:
     if min(h, w) == size:
         return img
     scale = size / min(h, w)
-    new_w, new_h = (size, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), size)
+    new_h, new_w = shorter_side_shape((h, w), size)
     im = Image.fromarray(np.ascontiguousarray(img))
     if scale < 1:
         # reducing_gap: a fast integer box reduction first, then Lanczos over the last factor <= 3,

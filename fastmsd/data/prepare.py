@@ -2,12 +2,15 @@
 
 Cache layout (``--out``):
     images/ID.jpg          8-bit grayscale, shorter side ``size`` (aspect kept), bright = dense
+    masks/FINDING/ID.png   8-bit, 255 = the finding, on the image's grid (datasets with masks)
     manifest.jsonl         one row per prepared item: id, image, dataset, split, view, patient,
-                           study, labels, findings, impression, height, width
+                           study, labels, findings, impression, height, width, and masks
+                           (label column -> mask path) when the dataset has masks
     rejects.csv            source,reason for every input that could not be prepared
     tokenizer/vocab.txt    the WordPiece vocabulary the tokens use (datasets with reports)
     tokens.npy, lengths.npy  int32 [n, max_len] token ids and [n] lengths, manifest order
-    prepare.json           parameters and counts, written last: a cache is complete or absent
+    prepare.json           parameters, counts and the label columns that have masks, written
+                           last: a cache is complete or absent
 
 Prepared items are logged one per line in ``progress.jsonl`` as they finish, so a second run
 skips them (resumable) and a finished cache prepares again to the same files (idempotent).
@@ -33,6 +36,7 @@ from fastmsd.config import ConfigError
 from fastmsd.data.cache import MANIFEST, MARKER, PROGRESS, REJECTS, ZEROSHOT_LIST
 from fastmsd.data.datasets import DATASETS, Item, Reject, read_dataset
 from fastmsd.data.images import RejectError, read_image, resize_shorter
+from fastmsd.data.masks import MaskSource, mask_folder, render_mask, resize_mask
 from fastmsd.data.mimic import extract_sections
 
 VERSION = 1
@@ -46,22 +50,47 @@ def report_sections(text: str) -> tuple[str, str]:
     return sections["findings"], sections["impression"]
 
 
-def _prepare_one(item: Item, out_dir: str, size: int) -> tuple[str, dict | None, str | None]:
-    """Decode, resize and write one image (runs in a worker process)."""
+def _source_mask(finding: str, source: MaskSource, shape: tuple[int, int]) -> np.ndarray:
     try:
-        img = resize_shorter(read_image(item.image), size)
+        mask = render_mask(source, shape)
+    except ValueError as err:
+        raise RejectError(f"{finding} mask: {err}") from None
+    if mask.shape != shape:
+        # Stretching it would put the finding on the wrong pixels.
+        raise RejectError(f"{finding} mask is {mask.shape[0]}x{mask.shape[1]}, "
+                          f"its image {shape[0]}x{shape[1]}")
+    return mask
+
+
+def _save(pixels: np.ndarray, target: Path, **params) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    Image.fromarray(pixels).save(tmp, **params)
+    os.replace(tmp, target)  # a half-written file never carries the final name
+
+
+def _prepare_one(item: Item, out_dir: str, size: int) -> tuple[str, dict | None, str | None]:
+    """Decode, resize and write one image and its masks (runs in a worker process)."""
+    try:
+        source = read_image(item.image)
+        masks = {finding: _source_mask(finding, spec, source.shape) for finding, spec in item.masks.items()}
+        img = resize_shorter(source, size)
     except RejectError as err:
         return item.id, None, str(err)
-    target = Path(out_dir) / "images" / f"{item.id}.jpg"
-    tmp = target.with_name(f".{target.name}.tmp")
-    Image.fromarray(img).save(tmp, format="JPEG", quality=95)
-    os.replace(tmp, target)  # a half-written JPEG never carries the final name
-    return item.id, {"height": int(img.shape[0]), "width": int(img.shape[1])}, None
+    out = Path(out_dir)
+    paths = {}
+    for finding, mask in masks.items():
+        paths[finding] = f"masks/{mask_folder(finding)}/{item.id}.png"
+        (out / paths[finding]).parent.mkdir(parents=True, exist_ok=True)
+        _save(resize_mask(mask, img.shape).astype(np.uint8) * 255, out / paths[finding], format="PNG")
+    # The image last: progress counts an item done when its image is there.
+    _save(img, out / "images" / f"{item.id}.jpg", format="JPEG", quality=95)
+    shape = {"height": int(img.shape[0]), "width": int(img.shape[1])}
+    return item.id, {**shape, "masks": paths} if paths else shape, None
 
 
 def _row(item: Item, findings: str, impression: str, shape: dict) -> dict:
     row = asdict(item)
-    del row["report"]
+    del row["report"], row["masks"]  # the mask sources; the written paths come in ``shape``
     row.update(image=f"images/{item.id}.jpg", findings=findings, impression=impression, **shape)
     return row
 
@@ -84,9 +113,15 @@ def _load_progress(out: Path) -> dict[str, dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line torn by an interrupted run: redo that item
                 continue
-            if (out / row["image"]).is_file():
+            if all((out / path).is_file() for path in [row["image"], *row.get("masks", {}).values()]):
                 done[row["id"]] = row
     return done
+
+
+def _is_done(item: Item, done: dict[str, dict]) -> bool:
+    # An item prepared before its dataset had masks is prepared again to get them.
+    row = done.get(item.id)
+    return row is not None and set(row.get("masks", {})) == set(item.masks)
 
 
 def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
@@ -126,7 +161,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
     tmp = out / f".{PROGRESS}.tmp"
     tmp.write_text("".join(json.dumps(row) + "\n" for row in done.values()))
     os.replace(tmp, out / PROGRESS)
-    pending = [item for item in todo if item.id not in done]
+    pending = [item for item in todo if not _is_done(item, done)]
     bar = tqdm(total=len(todo), initial=len(todo) - len(pending), desc=f"prepare {dataset}",
                unit="img", disable=not progress)
     by_id = {item.id: item for item in todo}
@@ -167,5 +202,6 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
     counts = {"found": found, "prepared": len(rows), "rejected": len(rejects)}
     if counts["prepared"] + counts["rejected"] != found:
         raise AssertionError(f"prepare lost items: {counts}")
-    (out / MARKER).write_text(json.dumps({"params": params, "counts": counts}, indent=2))
+    masks = sorted({finding for row in rows for finding in row.get("masks", {})})
+    (out / MARKER).write_text(json.dumps({"params": params, "counts": counts, "masks": masks}, indent=2))
     return counts

@@ -117,6 +117,8 @@ class Chest:
         self.body = _soft_tissue(x, y, thorax)
         self.lungs = {side: lung_mask(x, y, side, thorax, self.edge) for side in SIDES}
         self.aeration = {side: np.ones_like(x) for side in self.lungs}  # share of air left
+        # Ground-truth regions of the findings drawn, by finding name (bool [size, size]).
+        self.masks: dict[str, np.ndarray] = {}
         self.lung_density = np.zeros_like(x)          # density added inside the lungs
         self.pleural_air = np.zeros_like(x)           # a pneumothorax's air outside the lung
         self.pleural_line = np.zeros_like(x)          # the visceral pleura bordering that air

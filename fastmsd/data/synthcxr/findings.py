@@ -82,6 +82,9 @@ def _pleural_effusion(chest: Chest, attrs: dict, rng: np.random.Generator) -> No
         meniscus = level - (0.05 + 0.05 * s) * np.clip((lateral - 0.35 * width) / (0.65 * width), 0, 1) ** 2
         fluid = smoothstep(y - meniscus, 0.035) * smoothstep(lateral - 0.02, 0.02)
         chest.aeration[side] *= 1.0 - fluid
+        # The fluid term spans the whole base; the effusion is the part inside the pleural space.
+        region = (fluid > 0.5) & (chest.lungs[side] > 0.5)
+        chest.masks["pleural_effusion"] = chest.masks.get("pleural_effusion", False) | region
         chest.lung_density += 0.06 * fluid * smoothstep(width + 0.02 - lateral, 0.02)
 
 
@@ -96,6 +99,7 @@ def _pneumothorax(chest: Chest, attrs: dict, rng: np.random.Generator) -> None:
     shrunk_y = anchor_y + (y - anchor_y) / (1 - collapse)
     collapsed = lung_mask(shrunk_x, shrunk_y, side, thorax, chest.edge)
     chest.pleural_air = np.clip(chest.lungs[side] - collapsed, 0.0, 1.0)
+    chest.masks["pneumothorax"] = chest.pleural_air > 0.5
     sharp = lung_mask(shrunk_x, shrunk_y, side, thorax, 1.2 * chest.frame.pixel)
     # Only the apicolateral edge borders air; the medial edge stays against the hilum.
     chest.pleural_line = 4.0 * sharp * (1.0 - sharp) * chest.lungs[side] \

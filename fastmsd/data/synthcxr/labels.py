@@ -19,6 +19,10 @@ FINDING_COLUMN: dict[str, str] = {
     "pleural_effusion": "Pleural Effusion", "pneumothorax": "Pneumothorax",
 }
 
+# The findings whose ground-truth masks synthcxr writes: those with a region a segmentation
+# model can be scored on (cardiomegaly is a size, edema diffuse, atelectasis thin bands).
+MASKED_FINDINGS: tuple[str, ...] = ("pleural_effusion", "pneumothorax")
+
 
 def own_label(name: str, attrs: dict) -> dict[str, float]:
     """The label a mention of finding ``name`` asserts: positive, or uncertain when hedged."""

@@ -7,6 +7,7 @@ import numpy as np
 
 from .anatomy import Chest, Thorax
 from .findings import add_support_devices, draw_findings, reshape_thorax
+from .labels import MASKED_FINDINGS
 from .raster import Frame
 from .sampling import uniform
 
@@ -20,6 +21,17 @@ def render_image(findings: dict[str, dict], rng: np.random.Generator,
     ``support_devices`` entry (``{"kinds": [...]}`` of ``line`` / ``ecg`` / ``tube``) adds
     lines and leads. The empty dict draws a normal study.
     """
+    return render_with_masks(findings, rng, size)[0]
+
+
+def render_with_masks(findings: dict[str, dict], rng: np.random.Generator,
+                      size: int = 256) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """:func:`render_image`'s image, and a bool [size, size] mask for each of
+    :data:`MASKED_FINDINGS` (all False when the finding is absent).
+
+    The masks are taken from the regions the findings are drawn with and draw nothing from
+    ``rng``, so the image is the one :func:`render_image` draws from the same generator.
+    """
     frame = Frame.positioned(rng, size)
     thorax = Thorax.sample(rng)
     reshape_thorax(thorax, findings, rng)
@@ -29,7 +41,8 @@ def render_image(findings: dict[str, dict], rng: np.random.Generator,
     devices = findings.get("support_devices")
     if devices:
         add_support_devices(density, chest, devices, rng)
-    return _expose(density, frame, rng)
+    empty = np.zeros((size, size), dtype=bool)
+    return _expose(density, frame, rng), {f: chest.masks.get(f, empty) for f in MASKED_FINDINGS}
 
 
 def _expose(density: np.ndarray, frame: Frame, rng: np.random.Generator) -> np.ndarray:

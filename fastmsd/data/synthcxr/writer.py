@@ -1,5 +1,5 @@
-"""Writing a synthcxr set: JPEGs, reports and a DICOM subset per study, then the MIMIC-CXR-JPG
-CSVs and the completion marker."""
+"""Writing a synthcxr set: JPEGs, ground-truth masks, reports and a DICOM subset per study, then
+the MIMIC-CXR-JPG CSVs and the completion marker."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import numpy as np
 from PIL import Image
 
 from .cohort import plan_studies
+from ..masks import write_mask
 from .labels import CHEXPERT_COLUMNS, ZEROSHOT_CLASSES
-from .radiograph import render_image
+from .radiograph import render_with_masks
 from .reports import write_report
 
 VERSION = "1.0"
@@ -31,7 +32,7 @@ DONE_MARKER = "synthcxr.json"
 PARTIAL_MARKER = "synthcxr.partial"
 _BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
 # Everything generate writes at the top of its folder: all it may clear after an interruption.
-_OWNED = {"files", "dicom", _SPLIT_FILE, _META_FILE, _CHEXPERT_FILE, _ZEROSHOT_FILE, DONE_MARKER,
+_OWNED = {"files", "dicom", "masks", _SPLIT_FILE, _META_FILE, _CHEXPERT_FILE, _ZEROSHOT_FILE, DONE_MARKER,
           PARTIAL_MARKER}
 
 
@@ -82,13 +83,13 @@ def _write_dicom(path: Path, img: np.ndarray, item: dict, seed: int, monochrome1
 
 
 def _render_items(root: str, seed: int, size: int, items: list[dict]) -> list[tuple[int, dict]]:
-    """Worker body: write the JPEG, report (and DICOM) of each item; return its labels."""
+    """Worker body: write the JPEG, masks, report (and DICOM) of each item; return its labels."""
     out = []
     for item in items:
         # Generators seeded by (seed, item index): an item comes out the same whatever the
         # order or the number of worker processes.
         img_seq, rep_seq = np.random.SeedSequence(seed, spawn_key=(1, item["index"])).spawn(2)
-        img = render_image(item["findings"], np.random.default_rng(img_seq), size)
+        img, masks = render_with_masks(item["findings"], np.random.default_rng(img_seq), size)
         text, labels = write_report(item["findings"], np.random.default_rng(rep_seq),
                                     view=item["view"])
         folder = Path(root) / _relative_dir(item)
@@ -96,6 +97,8 @@ def _render_items(root: str, seed: int, size: int, items: list[dict]) -> list[tu
         study_dir.mkdir(parents=True, exist_ok=True)
         Image.fromarray(img, mode="L").save(study_dir / f"{item['dicom_id']}.jpg", quality=95)
         (folder / f"s{item['study_id']}.txt").write_text(text)
+        for finding, mask in masks.items():
+            write_mask(Path(root) / "masks" / finding / f"{item['dicom_id']}.png", mask)
         if item["dicom"]:
             _write_dicom(Path(root) / "dicom" / f"{item['dicom_id']}.dcm", img, item, seed,
                          item["dicom"] == "MONOCHROME1")
