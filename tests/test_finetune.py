@@ -89,3 +89,31 @@ def test_pretrained_beats_scratch_at_one_percent(trained_run, synth_cache, tmp_p
     # Measured on this set: 0.638 against 0.530 (seeds 0 / 1 / 2: 0.684 / 0.630 / 0.601 against
     # 0.606 / 0.497 / 0.488), so a 0.05 margin leaves room for platform noise.
     assert aucs["pretrained"] >= aucs["scratch"] + 0.05, aucs
+
+
+def test_starts_and_frozen_encoder(micro_run, synth_cache, tmp_path):
+    """--from imagenet:FILE loads a timm checkpoint's weights; --freeze-encoder leaves the encoder as it
+    starts."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fastmsd.finetune import Settings, load_split, load_start, train_classifier
+
+    pretrained = load_start(micro_run)
+    scratch = load_start(micro_run, "scratch")
+    assert scratch.weights is None
+    file = tmp_path / "timm.safetensors"
+    save_file({k: v.contiguous() for k, v in scratch.encoder(7).state_dict().items()}, file)
+    imagenet = load_start(micro_run, f"imagenet:{file}")
+    expected = scratch.encoder(7).state_dict()
+    assert all(torch.equal(imagenet.weights[k], expected[k]) for k in expected)
+
+    cache = Cache(synth_cache)
+    columns = probe_columns(cache)
+    train = load_split(cache, "train", columns, pretrained.cfg.image_size)
+    val = load_split(cache, "validate", columns, pretrained.cfg.image_size)
+    frozen = Settings(epochs=1, freeze_encoder=True)
+    trained = train_classifier(pretrained, train, np.arange(32), val, 0, frozen, torch.device("cpu"),
+                               progress=False)
+    after = trained.model.encoder.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in pretrained.weights.items())
