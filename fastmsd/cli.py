@@ -1,4 +1,4 @@
-"""The `fastmsd` command: train, plan, synth, prepare, eval, embed, export.
+"""The `fastmsd` command: train, plan, synth, prepare, eval, finetune, embed, export.
 
 User errors (bad sizes, unknown encoders, missing folders) end in one line on stderr and exit
 code 2; heavy imports wait until the arguments have been checked, so those errors come fast.
@@ -20,6 +20,7 @@ from fastmsd.config import (
     ConfigError,
     ModelConfig,
     TrainConfig,
+    check_finetune_task,
     option_name,
     parse_size,
     preset,
@@ -126,6 +127,28 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seeds", default="0,1,2", help="linear-probe seeds (default 0,1,2)")
     ev.add_argument("--prompts", help="YAML file of zero-shot prompts (default: fastmsd/eval/prompts.yaml)")
     ev.add_argument("--device", default="auto")
+
+    ft = sub.add_parser("finetune", help="fine-tune a run's image encoder on label fractions (test AUC at "
+                                         "1 / 10 / 100 %% of the labels)")
+    ft.add_argument("run", help="a run folder (its latest checkpoint), a checkpoint folder or an hf export")
+    ft.add_argument("--data", required=True, help="a prepared cache with labels")
+    ft.add_argument("--task", default="classify", help="classify (segment is not built yet)")
+    ft.add_argument("--fraction", default="0.01,0.1,1", help="label fractions (default 0.01,0.1,1)")
+    ft.add_argument("--seeds", default="0,1,2", help="seeds per fraction (default 0,1,2)")
+    ft.add_argument("--freeze-encoder", action="store_true", help="train the linear head only")
+    ft.add_argument("--epochs", type=int, default=10, help="epochs per (fraction, seed) (default 10)")
+    ft.add_argument("--batch-size", type=int, default=32, help="default 32")
+    ft.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (default 1e-4)")
+    ft.add_argument("--head-lr", type=float, default=1e-3, help="linear head learning rate (default 1e-3)")
+    ft.add_argument("--from-scratch", action="store_true", help="the same architecture, randomly initialised")
+    ft.add_argument("--from", dest="init", metavar="imagenet:FILE",
+                    help="start from a local timm checkpoint instead of the run's weights")
+    ft.add_argument("--out", help="output folder (default RUN/finetune/TASK, TASK-scratch or TASK-imagenet)")
+    ft.add_argument("--device", default="auto")
+    ft.add_argument("--gpu-mem", help="cap the CUDA allocator at this size (e.g. 12GB)")
+    ft.add_argument("--checkpointing", type=int, default=0, metavar="EVERY",
+                    help="gradient checkpointing of every EVERY-th encoder block (default 0: none)")
+    ft.add_argument("--no-progress", action="store_true")
 
     em = sub.add_parser("embed", help="image and report embeddings of a trained model, written to a file")
     em.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
@@ -264,10 +287,7 @@ def _eval(args: argparse.Namespace) -> None:
     from fastmsd.run import ensure_data, load_trained, resolve_device
 
     tasks = TASKS if args.task == "all" else (args.task,)
-    try:
-        seeds = tuple(int(s) for s in args.seeds.split(","))
-    except ValueError:
-        raise ConfigError(f"--seeds takes comma-separated integers, got {args.seeds!r}") from None
+    seeds = _numbers(args.seeds, "--seeds", int)
     prompts = load_prompts(args.prompts) if args.prompts else DEFAULT_PROMPTS
     device = resolve_device(args.device)
     cfg, model, tokenizer, checkpoint = load_trained(args.run, device)
@@ -277,6 +297,62 @@ def _eval(args: argparse.Namespace) -> None:
              prompts=prompts)
     print(f"{checkpoint} on {cache.root}\n{format_markdown(json.loads((out / 'results.json').read_text()))}")
     print(f"results, plots and the 5x200 list in {out}")
+
+
+def _numbers(text: str, option: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(s) for s in text.split(","))
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated {kind.__name__}s, got {text!r}") from None
+
+
+def _finetune(args: argparse.Namespace) -> None:
+    check_finetune_task(args.task)
+    _positive(args, ["epochs", "batch_size"])
+    fractions = _numbers(args.fraction, "--fraction", float)
+    if not all(0 < f <= 1 for f in fractions):
+        raise ConfigError(f"--fraction values must be in (0, 1], got {args.fraction!r}")
+    seeds = _numbers(args.seeds, "--seeds", int)
+    if args.checkpointing < 0:
+        raise ConfigError(f"--checkpointing must be >= 0, got {args.checkpointing}")
+    budget = parse_size(args.gpu_mem) if args.gpu_mem is not None else None
+    if not Path(args.run).exists():
+        raise ConfigError(f"run {args.run} not found")
+    if not (Path(args.data) / "prepare.json").is_file():
+        raise ConfigError(f"--data {args.data} is not a prepared cache (run `fastmsd prepare` into it first)")
+    if args.from_scratch and args.init is not None:
+        raise ConfigError("--from-scratch and --from both say where to start: pass one of them")
+    if args.init is not None:
+        kind, _, file = args.init.partition(":")
+        if kind != "imagenet" or not file:
+            raise ConfigError(f"--from takes imagenet:FILE (a local timm checkpoint), got {args.init!r}")
+        if not Path(file).is_file():
+            raise ConfigError(f"--from {args.init}: {file} not found")
+    init = "scratch" if args.from_scratch else args.init or "pretrained"
+
+    from fastmsd.checkpoint import find_checkpoint
+    from fastmsd.data.cache import Cache
+    from fastmsd.export import is_export
+    from fastmsd.finetune import Settings, finetune, format_markdown, load_start
+    from fastmsd.memory import cap_cuda_memory
+    from fastmsd.run import resolve_device
+
+    device = resolve_device(args.device)
+    if budget is not None and device.type == "cuda":
+        cap_cuda_memory(budget, device)
+    cache = Cache(args.data)
+    start = load_start(args.run, init)
+    if args.out is not None:
+        out = Path(args.out)
+    else:
+        run = Path(args.run) if is_export(args.run) else find_checkpoint(args.run).parent.parent
+        out = run / "finetune" / (args.task if init == "pretrained" else f"{args.task}-{init.split(':')[0]}")
+    settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+                        freeze_encoder=args.freeze_encoder, checkpointing=args.checkpointing)
+    results = finetune(start, cache, out, args.task, fractions, seeds, settings, device,
+                       progress=not args.no_progress)
+    print(f"{start.source} on {cache.root}\n{format_markdown(results)}")
+    print(f"results and ROC plots in {out}")
 
 
 def _embed(args: argparse.Namespace) -> None:
@@ -306,7 +382,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         commands = {"train": _train, "plan": _plan, "synth": _synth, "prepare": _prepare, "eval": _eval,
-                    "embed": _embed, "export": _export}
+                    "finetune": _finetune, "embed": _embed, "export": _export}
         commands[args.command](args)
     except (ConfigError, FileNotFoundError) as err:
         print(f"fastmsd: error: {err}", file=sys.stderr)

@@ -68,3 +68,20 @@ def micro_run(tmp_path_factory, synth_cache):
     runs = tmp_path_factory.mktemp("runs")
     cfg.train.data, cfg.train.runs_dir, cfg.train.name = str(synth_cache), str(runs), "micro"
     return train(cfg, progress=False)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, synth_cache):
+    """A short real training of the tiny preset on ``synth_cache`` (minutes on a CPU; once per session, as
+    the learning tests of evaluation and fine-tuning share it)."""
+    from fastmsd.config import preset
+    from fastmsd.run import train
+
+    cfg = preset("tiny")
+    cfg.train.data, cfg.train.name = str(synth_cache), "learn"
+    cfg.train.runs_dir = str(tmp_path_factory.mktemp("runs"))
+    # A 640-pair set: a queue of two effective batches, since a ring holding most of a small
+    # set fills the negatives with near-copies of each positive.
+    cfg.train.steps, cfg.train.warmup_steps, cfg.train.alpha_warmup_steps = 150, 10, 75
+    cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.queue_size = 64, 32, 128
+    return train(cfg, progress=False)

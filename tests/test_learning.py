@@ -2,26 +2,12 @@
 
 import json
 
-import pytest
 import torch
 
-from fastmsd.config import preset
 from fastmsd.data.cache import Cache
 from fastmsd.eval.runner import evaluate
 from fastmsd.model import build_model
-from fastmsd.run import load_trained, train
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory, synth_cache):
-    cfg = preset("tiny")
-    cfg.train.data, cfg.train.name = str(synth_cache), "learn"
-    cfg.train.runs_dir = str(tmp_path_factory.mktemp("runs"))
-    # A 640-pair set: a queue of two effective batches, since a ring holding most of a small
-    # set fills the negatives with near-copies of each positive.
-    cfg.train.steps, cfg.train.warmup_steps, cfg.train.alpha_warmup_steps = 150, 10, 75
-    cfg.train.batch_size, cfg.train.micro_batch_size, cfg.train.queue_size = 64, 32, 128
-    return train(cfg, progress=False)
+from fastmsd.run import load_trained
 
 
 def test_short_training_beats_untrained_on_every_task(trained_run, synth_cache, tmp_path):

@@ -40,23 +40,33 @@ def roc_curves(scores: np.ndarray, labels: np.ndarray, class_names: list[str], p
 
     A class with no positive or no negative sample has no curve; it is left out with a warning.
     """
+    positive = np.asarray(labels)[:, None] == np.arange(len(class_names))[None, :]
+    return roc_curves_multilabel(scores, positive, class_names, path, title="ROC, one class vs rest")
+
+
+def roc_curves_multilabel(scores: np.ndarray, positive: np.ndarray, names: list[str], path: str | Path,
+                          title: str = "ROC per label") -> Path:
+    """The ROC curve of each column of ``scores`` [n, C] against the 0/1 column of ``positive`` [n, C].
+
+    A column with no positive or no negative sample has no curve; it is left out with a warning.
+    """
     scores = np.asarray(scores, dtype=np.float64)
-    labels = np.asarray(labels)
-    if scores.ndim != 2 or scores.shape != (len(labels), len(class_names)) or len(labels) == 0:
-        raise ValueError(f"scores {scores.shape} must be [n, C] for {len(labels)} labels and "
-                         f"{len(class_names)} class names")
+    positive = np.asarray(positive, dtype=bool)
+    if scores.ndim != 2 or scores.shape != (len(positive), len(names)) or positive.shape != scores.shape \
+            or len(positive) == 0:
+        raise ValueError(f"scores {scores.shape} must be [n, C] for {len(positive)} labels and "
+                         f"{len(names)} class names")
     fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot()
-    for c, name in enumerate(class_names):
-        positive = labels == c
-        if positive.all() or not positive.any():
+    for c, name in enumerate(names):
+        if positive[:, c].all() or not positive[:, c].any():
             warnings.warn(f"no ROC curve for class {name!r}: a single class is present", stacklevel=2)
             continue
-        fpr, tpr = _roc_points(scores[:, c], positive)
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {roc_auc(scores[:, c], positive):.3f})")
+        fpr, tpr = _roc_points(scores[:, c], positive[:, c])
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUC {roc_auc(scores[:, c], positive[:, c]):.3f})")
     ax.plot([0, 1], [0, 1], ls="--", color="grey", lw=1, label="chance")
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="False positive rate", ylabel="True positive rate",
-           title="ROC, one class vs rest", aspect="equal")
+           title=title, aspect="equal")
     ax.legend(loc="lower right", fontsize="small")
     return _save(fig, path)
 

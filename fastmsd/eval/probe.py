@@ -169,7 +169,7 @@ def predict_scores(x: torch.Tensor | np.ndarray, weight: torch.Tensor, bias: tor
     return probs.cpu().numpy()
 
 
-def _fraction_name(fraction: float) -> str:
+def fraction_name(fraction: float) -> str:
     return f"{round(fraction * 100, 6):g}%"
 
 
@@ -242,7 +242,7 @@ def linear_probe(train_x: np.ndarray | torch.Tensor, train_y: np.ndarray | torch
                                         n_classes=n_classes)
             aucs.append(auc(predict_scores(test_x, weight, bias, multilabel=multilabel)))
             sizes.append(len(idx))
-        results[_fraction_name(fraction)] = {
+        results[fraction_name(fraction)] = {
             "auc_mean": float(np.mean(aucs)),
             "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
             "auc": aucs,

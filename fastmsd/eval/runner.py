@@ -102,8 +102,15 @@ def _retrieval(model: MSDModel, tokenizer, cache: Cache, cfg: ModelConfig, devic
     return results
 
 
-def _probe_targets(cache: Cache, indices: list[int],
-                   columns: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
+def probe_columns(cache: Cache) -> tuple[str, ...]:
+    """The labels a probe (or a fine-tuned classifier) predicts: a binary cache's one label, else the
+    five competition findings."""
+    task = binary_task(cache)
+    return (task,) if task is not None else PROBE_LABELS
+
+
+def probe_targets(cache: Cache, indices: list[int],
+                  columns: tuple[str, ...]) -> tuple[list[int], np.ndarray]:
     """Rows with every probe label known, and their {0, 1} targets [n, columns]."""
     kept, targets = [], []
     for i in indices:
@@ -120,11 +127,10 @@ def _probe_targets(cache: Cache, indices: list[int],
 
 def _linear_probe(model: MSDModel, cache: Cache, cfg: ModelConfig, device, out: Path, seeds: tuple[int, ...],
                   checkpoint: str) -> dict:
-    task = binary_task(cache)
-    columns = (task,) if task is not None else PROBE_LABELS
+    columns = probe_columns(cache)
     splits = {}
     for split in ("train", "test"):
-        indices, targets = _probe_targets(cache, cache.indices(split), columns)
+        indices, targets = probe_targets(cache, cache.indices(split), columns)
         key = {"checkpoint": checkpoint, "cache": str(cache.root.resolve()), "split": split,
                "image_size": cfg.image_size, "n": len(indices)}
         def compute(indices: list[int] = indices) -> np.ndarray:
