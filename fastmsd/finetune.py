@@ -31,7 +31,7 @@ from fastmsd.config import ConfigError, ModelConfig, check_finetune_task
 from fastmsd.data.cache import Cache
 from fastmsd.data.loader import augment, load_images, normalize_, step_generator, to_device, to_model_input
 from fastmsd.eval import metrics, plots
-from fastmsd.eval.probe import FRACTIONS, fraction_name, sample_indices
+from fastmsd.eval.probe import FRACTIONS, fraction_name, sample_indices, sample_size, seed_summary
 from fastmsd.eval.runner import probe_columns, probe_targets
 from fastmsd.model import build_image_encoder, load_image_weights, set_block_checkpointing
 
@@ -106,7 +106,7 @@ def check_fractions(fractions: Sequence[float], train: np.ndarray, columns: tupl
             raise ConfigError(f"label {name!r} has a single class in the training split: "
                               "its AUC is undefined")
     for fraction in fractions:
-        k = max(1, math.ceil(round(fraction * n, 6)))
+        k = sample_size(n, fraction)
         if k < 2:
             raise ConfigError(f"label fraction {fraction:g} selects {k} of {n} training items, too few "
                               f"for both classes of every label: use at least {2 / n:.2g}")
@@ -250,9 +250,7 @@ def finetune(start: Start, cache: Cache, out: Path, task: str = "classify",
                   f"(validation AUC {trained.val_auc:.3f}), test AUC {auc:.3f}", flush=True)
         aucs = [r["auc"] for r in runs]
         results["fractions"][name] = {
-            "auc_mean": float(np.mean(aucs)),
-            "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-            "auc": aucs,
+            **seed_summary(aucs),
             "n_train": [r["n_train"] for r in runs],
             "best_epoch": [r["best_epoch"] for r in runs],
             "val_auc": [r["val_auc"] for r in runs],

@@ -41,6 +41,19 @@ def _label_columns(labels: np.ndarray, n: int) -> np.ndarray:
     raise ValueError(f"labels must be 1-D class ids or a 2-D 0/1 matrix, got shape {labels.shape}")
 
 
+def sample_size(n: int, fraction: float) -> int:
+    """How many of ``n`` items a label fraction takes before missing classes are added: ceil, at least 1."""
+    # Rounding first keeps float noise (0.07 * 100 = 7.000000000000001) from adding an item.
+    return max(1, math.ceil(round(fraction * n, 6)))
+
+
+def seed_summary(aucs: Sequence[float]) -> dict:
+    """One fraction's AUCs over seeds: their mean, sample std (ddof=1; 0 for one seed) and the list."""
+    return {"auc_mean": float(np.mean(aucs)),
+            "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
+            "auc": list(aucs)}
+
+
 def sample_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
     """Sorted indices of the training items a probe with this label fraction and seed is fitted on.
 
@@ -57,8 +70,7 @@ def sample_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     perm = np.random.default_rng(seed).permutation(n)
-    # Rounding first keeps float noise (0.07 * 100 = 7.000000000000001) from adding an item.
-    k = max(1, math.ceil(round(fraction * n, 6)))
+    k = sample_size(n, fraction)
     chosen = set(perm[:k].tolist())
     if labels is not None:
         positive = _label_columns(labels, n)[perm]  # rows in permutation order
@@ -242,12 +254,7 @@ def linear_probe(train_x: np.ndarray | torch.Tensor, train_y: np.ndarray | torch
                                         n_classes=n_classes)
             aucs.append(auc(predict_scores(test_x, weight, bias, multilabel=multilabel)))
             sizes.append(len(idx))
-        results[fraction_name(fraction)] = {
-            "auc_mean": float(np.mean(aucs)),
-            "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-            "auc": aucs,
-            "n_train": sizes,
-        }
+        results[fraction_name(fraction)] = {**seed_summary(aucs), "n_train": sizes}
     return results
 
 
