@@ -128,18 +128,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--prompts", help="YAML file of zero-shot prompts (default: fastmsd/eval/prompts.yaml)")
     ev.add_argument("--device", default="auto")
 
-    ft = sub.add_parser("finetune", help="fine-tune a run's image encoder on label fractions (test AUC at "
-                                         "1 / 10 / 100 %% of the labels)")
+    ft = sub.add_parser("finetune", help="fine-tune a run's image encoder on label fractions (test "
+                                         "AUC or Dice at 1 / 10 / 100 %% of the labels)")
     ft.add_argument("run", help="a run folder (its latest checkpoint), a checkpoint folder or an hf export")
     ft.add_argument("--data", required=True, help="a prepared cache with labels")
-    ft.add_argument("--task", default="classify", help="classify (segment is not built yet)")
+    ft.add_argument("--task", default="classify",
+                    help="classify (linear head, AUC) or segment (U-Net / DPT decoder on the cache's "
+                         "masks, Dice)")
     ft.add_argument("--fraction", default="0.01,0.1,1", help="label fractions (default 0.01,0.1,1)")
     ft.add_argument("--seeds", default="0,1,2", help="seeds per fraction (default 0,1,2)")
-    ft.add_argument("--freeze-encoder", action="store_true", help="train the linear head only")
+    ft.add_argument("--freeze-encoder", action="store_true", help="train the head (or decoder) only")
     ft.add_argument("--epochs", type=int, default=10, help="epochs per (fraction, seed) (default 10)")
     ft.add_argument("--batch-size", type=int, default=32, help="default 32")
     ft.add_argument("--lr", type=float, default=1e-4, help="encoder learning rate (default 1e-4)")
-    ft.add_argument("--head-lr", type=float, default=1e-3, help="linear head learning rate (default 1e-3)")
+    ft.add_argument("--head-lr", type=float, default=1e-3, help="head / decoder learning rate (default 1e-3)")
     ft.add_argument("--from-scratch", action="store_true", help="the same architecture, randomly initialised")
     ft.add_argument("--from", dest="init", metavar="imagenet:FILE",
                     help="start from a local timm checkpoint instead of the run's weights")
@@ -334,6 +336,7 @@ def _finetune(args: argparse.Namespace) -> None:
     from fastmsd.data.cache import Cache
     from fastmsd.export import is_export
     from fastmsd.finetune import Settings, finetune, format_markdown, load_start
+    from fastmsd.finetune.protocol import task_columns
     from fastmsd.memory import cap_cuda_memory
     from fastmsd.run import resolve_device
 
@@ -341,6 +344,7 @@ def _finetune(args: argparse.Namespace) -> None:
     if budget is not None and device.type == "cuda":
         cap_cuda_memory(budget, device)
     cache = Cache(args.data)
+    task_columns(cache, args.task)  # a cache without what the task needs fails before the model loads
     start = load_start(args.run, init)
     if args.out is not None:
         out = Path(args.out)
@@ -352,7 +356,7 @@ def _finetune(args: argparse.Namespace) -> None:
     results = finetune(start, cache, out, args.task, fractions, seeds, settings, device,
                        progress=not args.no_progress)
     print(f"{start.source} on {cache.root}\n{format_markdown(results)}")
-    print(f"results and ROC plots in {out}")
+    print(f"results and {'ROC' if args.task == 'classify' else 'mask'} plots in {out}")
 
 
 def _embed(args: argparse.Namespace) -> None:

@@ -360,14 +360,10 @@ def load_yaml(path: str | Path) -> Config:
     return from_dict(yaml.safe_load(path.read_text()) or {})
 
 
-FINETUNE_TASKS = ("classify",)
-# Accepted so that asking for them says "not built yet" rather than "unknown".
-PLANNED_FINETUNE_TASKS = ("segment",)
+FINETUNE_TASKS = ("classify", "segment")
 
 
 def check_finetune_task(task: str) -> None:
     """Here rather than in fastmsd.finetune, so the CLI can refuse a task before importing torch."""
-    if task in PLANNED_FINETUNE_TASKS:
-        raise ConfigError(f"--task {task} is not built yet: only {', '.join(FINETUNE_TASKS)} for now")
     if task not in FINETUNE_TASKS:
         raise ConfigError(f"unknown fine-tuning task {task!r} (known: {', '.join(FINETUNE_TASKS)})")

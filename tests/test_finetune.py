@@ -3,6 +3,7 @@ fine-tuning a pretrained encoder beats the same architecture from scratch."""
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -65,8 +66,15 @@ def test_finetune_writes_results_and_plots(micro_run, synth_cache, tmp_path):
 
 def test_user_errors_are_one_line(micro_run, synth_cache, tmp_path):
     common = ("--out", str(tmp_path / "x"), "--no-progress")
-    assert_one_line_error(run_cli("finetune", str(micro_run), "--data", str(synth_cache), "--task", "segment",
-                                  *common), "segment", "not built yet")
+    bare = tmp_path / "no-masks"
+    shutil.copytree(synth_cache, bare)
+    info = json.loads((bare / "prepare.json").read_text())
+    del info["masks"]
+    (bare / "prepare.json").write_text(json.dumps(info))
+    assert_one_line_error(run_cli("finetune", str(micro_run), "--data", str(bare), "--task", "segment",
+                                  *common), "no segmentation masks", "--task segment")
+    assert_one_line_error(run_cli("finetune", str(micro_run), "--data", str(synth_cache), "--task", "detect",
+                                  *common), "detect", "classify, segment")
     assert_one_line_error(run_cli("finetune", str(micro_run), "--data", str(tmp_path / "missing"), *common),
                           "missing", "not a prepared cache")
     assert_one_line_error(run_cli("finetune", str(micro_run), "--data", str(synth_cache), "--fraction",

@@ -66,13 +66,8 @@ def to_model_input(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     return x.expand(-1, in_chans, -1, -1) if in_chans != x.shape[1] else x
 
 
-def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256,
-            shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
-    """Random scale crop (0.8-1 of the side), rotation (+-5 degrees), shift, brightness and
-    contrast, batched; returns float [0, 1]. No flips: laterality is written in the reports.
-    ``shard`` = (rank, world): ``images`` are that rank's share of an effective batch, and get
-    the draws the whole batch would give those rows in one process."""
-    n = images.shape[0]
+def _draws(n: int, generator: torch.Generator, shard: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+    """One batch's random geometry (affine ``theta`` [n, 2, 3]) and photometry (contrast, brightness [n])."""
     rank, world = shard
 
     def uniform(lo: float, hi: float) -> torch.Tensor:
@@ -83,19 +78,41 @@ def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256,
     shift_x, shift_y = uniform(-0.06, 0.06), uniform(-0.06, 0.06)
     cos, sin = torch.cos(angle) * scale, torch.sin(angle) * scale
     theta = torch.stack([torch.stack([cos, -sin, shift_x], 1), torch.stack([sin, cos, shift_y], 1)], 1)
-    contrast = uniform(0.85, 1.15).to(images.device)[:, None, None, None]
-    brightness = uniform(-0.08, 0.08).to(images.device)[:, None, None, None]
+    return theta, uniform(0.85, 1.15), uniform(-0.08, 0.08)
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, chunk: int = 256,
+            shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """Random scale crop (0.8-1 of the side), rotation (+-5 degrees), shift, brightness and
+    contrast, batched; returns float [0, 1]. No flips: laterality is written in the reports.
+    ``shard`` = (rank, world): ``images`` are that rank's share of an effective batch, and get
+    the draws the whole batch would give those rows in one process."""
+    theta, contrast, brightness = _draws(images.shape[0], generator, shard)
+    contrast = contrast.to(images.device)[:, None, None, None]
+    brightness = brightness.to(images.device)[:, None, None, None]
     out = torch.empty(images.shape, dtype=torch.float32, device=images.device)
     # In chunks: the sampling grid and temporaries of a whole 4,096-image effective batch at
     # 224 px would take several GiB of a small GPU's budget.
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
+    for s in range(0, images.shape[0], chunk):
+        e = min(images.shape[0], s + chunk)
         x = images[s:e].float() / 255.0
         grid = F.affine_grid(theta[s:e].to(x.device), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         out[s:e] = ((x - mean) * contrast[s:e] + mean + brightness[s:e]).clamp(0.0, 1.0)
     return out
+
+
+def augment_with_masks(images: torch.Tensor, masks: torch.Tensor,
+                       generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`augment` of a batch, and its masks (bool [n, k, H, W]) moved by the same geometry: nearest
+    neighbour, so they stay binary, and empty where the shifted image shows its border."""
+    replay = torch.Generator()
+    replay.set_state(generator.get_state())  # the draws augment() is about to make
+    theta = _draws(images.shape[0], replay, (0, 1))[0].to(masks.device)
+    grid = F.affine_grid(theta, [masks.shape[0], masks.shape[1], *masks.shape[2:]], align_corners=False)
+    moved = F.grid_sample(masks.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return augment(images, generator), moved > 0.5
 
 
 def normalize_(x: torch.Tensor, in_chans: int) -> torch.Tensor:

@@ -234,3 +234,21 @@ def macro_auc_multilabel(scores: np.ndarray, targets: np.ndarray) -> tuple[float
                  for c in range(scores.shape[1])]
     defined = [a for a in per_label if not np.isnan(a)]
     return (float(np.mean(defined)) if defined else float("nan")), per_label
+
+
+def dice(pred: np.ndarray, target: np.ndarray) -> tuple[float, list[float]]:
+    """Dice 2|P∩T| / (|P| + |T|) of each finding of boolean masks ``pred`` and ``target`` [n, k, H, W], over
+    all the split's pixels at once (how the medical VLP papers report segmentation), and their mean.
+
+    A finding absent from both has an undefined Dice: NaN in the list and left out of the mean (NaN when
+    none is defined).
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.ndim != 4 or pred.shape != target.shape or pred.dtype != bool or target.dtype != bool:
+        raise ValueError(f"pred and target must be boolean [n, k, H, W] masks of equal shape, got "
+                         f"{pred.dtype} {pred.shape} and {target.dtype} {target.shape}")
+    overlap = np.logical_and(pred, target).sum(axis=(0, 2, 3), dtype=np.int64)
+    total = pred.sum(axis=(0, 2, 3), dtype=np.int64) + target.sum(axis=(0, 2, 3), dtype=np.int64)
+    per_finding = [float(2 * o / t) if t else float("nan") for o, t in zip(overlap, total, strict=True)]
+    defined = [d for d in per_finding if not np.isnan(d)]
+    return (float(np.mean(defined)) if defined else float("nan")), per_finding

@@ -10,9 +10,11 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Patch
 
 from fastmsd.eval.metrics import roc_auc
 
@@ -91,4 +93,31 @@ def confusion_matrix_plot(cm: np.ndarray, class_names: list[str], path: str | Pa
     ax.set_xticks(range(n), class_names, rotation=45, ha="right")
     ax.set_yticks(range(n), class_names)
     ax.set(xlabel="Predicted", ylabel="True", title=title)
+    return _save(fig, path)
+
+
+def mask_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: list[str], path: str | Path,
+                  title: str = "Masks") -> Path:
+    """One panel per image (uint8 [n, H, W]): the predicted masks filled and the true ones outlined, one
+    colour per finding (bool [n, findings, H, W] each)."""
+    images, truth, pred = np.asarray(images), np.asarray(truth, dtype=bool), np.asarray(pred, dtype=bool)
+    if images.ndim != 3 or truth.shape != pred.shape or truth.shape[:1] + truth.shape[2:] != images.shape \
+            or truth.shape[1] != len(names) or len(images) == 0:
+        raise ValueError(f"images {images.shape}, truth {truth.shape} and pred {pred.shape} must be "
+                         f"[n, H, W] and [n, {len(names)}, H, W]")
+    colours = [matplotlib.colormaps["tab10"](i) for i in range(len(names))]
+    fig = Figure(figsize=(2.4 * len(images), 2.9))
+    for i, image in enumerate(images):
+        ax = fig.add_subplot(1, len(images), i + 1)
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        for f, colour in enumerate(colours):
+            fill = np.zeros((*image.shape, 4))
+            fill[pred[i, f]] = (*colour[:3], 0.4)
+            ax.imshow(fill)
+            if truth[i, f].any() and not truth[i, f].all():
+                ax.contour(truth[i, f], levels=[0.5], colors=[colour], linewidths=1.2)
+        ax.set_axis_off()
+    handles = [Patch(color=c, label=n) for c, n in zip(colours, names, strict=True)]
+    fig.legend(handles=handles, loc="lower center", ncol=len(names), fontsize="small", frameon=False)
+    fig.suptitle(f"{title}\n(filled: predicted, outlined: true)", fontsize="small")
     return _save(fig, path)

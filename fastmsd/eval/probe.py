@@ -47,11 +47,12 @@ def sample_size(n: int, fraction: float) -> int:
     return max(1, math.ceil(round(fraction * n, 6)))
 
 
-def seed_summary(aucs: Sequence[float]) -> dict:
-    """One fraction's AUCs over seeds: their mean, sample std (ddof=1; 0 for one seed) and the list."""
-    return {"auc_mean": float(np.mean(aucs)),
-            "auc_std": float(np.std(aucs, ddof=1)) if len(aucs) > 1 else 0.0,
-            "auc": list(aucs)}
+def seed_summary(values: Sequence[float], metric: str = "auc") -> dict:
+    """One fraction's scores over seeds: their mean, sample std (ddof=1; 0 for one seed) and the list, keyed
+    ``{metric}_mean``, ``{metric}_std`` and ``{metric}``."""
+    return {f"{metric}_mean": float(np.mean(values)),
+            f"{metric}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+            metric: list(values)}
 
 
 def sample_indices(n: int, fraction: float, seed: int, labels: np.ndarray | None = None) -> np.ndarray:
