@@ -5,7 +5,8 @@ setup(
     version="0.1.0",
     description="Medical vision-language pretraining with momentum self-distillation, tuned for small GPUs",
     python_requires=">=3.10",
-    packages=["fastmsd", "fastmsd.data", "fastmsd.data.synthcxr", "fastmsd.eval", "fastmsd.kernels"],
+    packages=["fastmsd", "fastmsd.data", "fastmsd.data.synthcxr", "fastmsd.eval", "fastmsd.finetune",
+              "fastmsd.kernels"],
     # kernels/ lives at the top of the repo and imports as fastmsd.kernels through the link
     # fastmsd/kernels; it has no __init__.py, so it never shadows the `kernels` distribution that
     # transformers imports (kernels/dispatch.py says why).
@@ -14,6 +15,8 @@ setup(
         "torch>=2.4,<=2.14.1",
         "torchvision",
         "timm>=1.0",
+        # `fastmsd finetune --task segment` builds its U-Net and DPT decoders with it.
+        "segmentation-models-pytorch>=0.6",
         "transformers>=4.46",
         "tokenizers",
         "safetensors",

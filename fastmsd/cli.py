@@ -147,9 +147,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="start from a local timm checkpoint instead of the run's weights")
     ft.add_argument("--out", help="output folder (default RUN/finetune/TASK, TASK-scratch or TASK-imagenet)")
     ft.add_argument("--device", default="auto")
-    ft.add_argument("--gpu-mem", help="cap the CUDA allocator at this size (e.g. 12GB)")
+    ft.add_argument("--gpu-mem", help="fit the steps into this much GPU memory (e.g. 12G): the planner picks "
+                                      "the micro-batch and checkpointing, then the allocator is capped")
     ft.add_argument("--checkpointing", type=int, default=0, metavar="EVERY",
-                    help="gradient checkpointing of every EVERY-th encoder block (default 0: none)")
+                    help="gradient checkpointing of every EVERY-th encoder block (default 0: none, or the "
+                         "planner's choice under --gpu-mem)")
     ft.add_argument("--no-progress", action="store_true")
 
     em = sub.add_parser("embed", help="image and report embeddings of a trained model, written to a file")
@@ -337,12 +339,9 @@ def _finetune(args: argparse.Namespace) -> None:
     from fastmsd.export import is_export
     from fastmsd.finetune import Settings, finetune, format_markdown, load_start
     from fastmsd.finetune.protocol import task_columns
-    from fastmsd.memory import cap_cuda_memory
     from fastmsd.run import resolve_device
 
     device = resolve_device(args.device)
-    if budget is not None and device.type == "cuda":
-        cap_cuda_memory(budget, device)
     cache = Cache(args.data)
     task_columns(cache, args.task)  # a cache without what the task needs fails before the model loads
     start = load_start(args.run, init)
@@ -354,7 +353,7 @@ def _finetune(args: argparse.Namespace) -> None:
     settings = Settings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
                         freeze_encoder=args.freeze_encoder, checkpointing=args.checkpointing)
     results = finetune(start, cache, out, args.task, fractions, seeds, settings, device,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, gpu_mem=budget)
     print(f"{start.source} on {cache.root}\n{format_markdown(results)}")
     print(f"results and {'ROC' if args.task == 'classify' else 'mask'} plots in {out}")
 

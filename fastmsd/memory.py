@@ -267,6 +267,26 @@ def probe_plan(cfg, vocab_size: int, device, budget: int, *, progress: bool = Tr
         torch.cuda.empty_cache()
 
 
+def measure(work: Callable[[], object], meter, device: torch.device, repeats: int = 2) -> Measurement:
+    """The peak memory (``meter``) and mean seconds of ``work`` after a warm-up call; OutOfMemory if the
+    device cannot hold it."""
+    try:
+        meter.reset()
+        work()  # warm-up: first-call allocations and kernel selection
+        start = time.perf_counter()
+        for _ in range(repeats):
+            work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - start) / repeats
+        return Measurement(meter.peak(), seconds)
+    except torch.OutOfMemoryError as err:
+        message = str(err)
+    # Raised outside the handler: the CUDA error's traceback (and the activations its frames
+    # hold) must not ride along as the new exception's context into the next probe.
+    raise OutOfMemory(message)
+
+
 class StepProbe:
     """Real steps of the configured model on synthetic tensors, in a throwaway engine that holds
     what training holds: weights, momentum, bf16 shadow, gradients, AdamW state, full rings and
@@ -290,21 +310,7 @@ class StepProbe:
         self._restore_grads()
 
     def _run(self, work) -> Measurement:
-        try:
-            self.meter.reset()
-            work()  # warm-up: first-call allocations and kernel selection
-            start = time.perf_counter()
-            for _ in range(self.repeats):
-                work()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
-            seconds = (time.perf_counter() - start) / self.repeats
-            return Measurement(self.meter.peak(), seconds)
-        except torch.OutOfMemoryError as err:
-            message = str(err)
-        # Raised outside the handler: the CUDA error's traceback (and the activations its frames
-        # hold) must not ride along as the new exception's context into the next probe.
-        raise OutOfMemory(message)
+        return measure(work, self.meter, self.device, self.repeats)
 
     def micro(self, micro_batch: int, image_every: int, text_every: int) -> Measurement:
         engine = self.engine

@@ -43,8 +43,10 @@ def test_fractions_are_the_probes_nested_and_seeded(synth_cache):
 def test_finetune_writes_results_and_plots(micro_run, synth_cache, tmp_path):
     out = tmp_path / "ft"
     r = run_cli("finetune", str(micro_run), "--data", str(synth_cache), "--fraction", "0.05,0.1",
-                "--seeds", "0,1", "--epochs", "1", "--batch-size", "64", "--out", str(out), "--no-progress")
+                "--seeds", "0,1", "--epochs", "1", "--batch-size", "64", "--out", str(out), "--no-progress",
+                "--gpu-mem", "1G")
     assert r.returncode == 0, r.stderr
+    assert "note: --gpu-mem 1.0 GiB has no effect on cpu" in r.stdout
     results = json.loads((out / "results.json").read_text())
     assert results["init"] == "pretrained" and results["task"] == "classify"
     cache = Cache(synth_cache)
@@ -125,3 +127,101 @@ def test_starts_and_frozen_encoder(micro_run, synth_cache, tmp_path):
                                progress=False)
     after = trained.model.encoder.state_dict()
     assert all(torch.equal(after[k], v) for k, v in pretrained.weights.items())
+
+
+def test_a_split_too_large_for_memory_is_read_from_disk(micro_run, synth_cache, tmp_path, monkeypatch):
+    """Past IN_MEMORY_BYTES a split's images are decoded at each access, to the same pixels, and fine-tuning
+    on them gives the same model."""
+    import torch
+
+    from fastmsd.data import loader
+    from fastmsd.finetune import Settings, load_split, load_start, train_classifier
+
+    cache = Cache(synth_cache)
+    columns = probe_columns(cache)
+    start = load_start(micro_run)
+    size = start.cfg.image_size
+    in_memory = [load_split(cache, split, columns, size) for split in ("train", "validate")]
+    monkeypatch.setattr(loader, "IN_MEMORY_BYTES", 0)
+    on_disk = [load_split(cache, split, columns, size) for split in ("train", "validate")]
+    assert isinstance(on_disk[0].images, loader.DiskImages)
+    assert len(on_disk[0].images) == len(in_memory[0].images)
+    for rows in (torch.tensor([5, 0, 5, 17]), [3, 1], np.arange(40, 45), slice(10, 14)):
+        assert torch.equal(on_disk[0].images[rows], in_memory[0].images[rows])
+    settings = Settings(epochs=1, batch_size=16)
+    trained = [train_classifier(start, train, np.arange(48), val, 0, settings, torch.device("cpu"),
+                                progress=False) for train, val in (in_memory, on_disk)]
+    assert trained[0].val_score == trained[1].val_score
+    a, b = (t.model.state_dict() for t in trained)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_micro_batches_accumulate_to_the_whole_batch(micro_run, synth_cache):
+    """A batch split into micro-batches (the planner's answer to a small GPU) takes the step the whole
+    batch takes: BCE is a mean over rows, and the micro encoder has no batch statistics."""
+    import torch
+
+    from fastmsd.finetune import Settings, load_split, load_start, train_classifier
+
+    cache = Cache(synth_cache)
+    columns = probe_columns(cache)
+    start = load_start(micro_run)
+    train = load_split(cache, "train", columns, start.cfg.image_size)
+    val = load_split(cache, "validate", columns, start.cfg.image_size)
+    states = []
+    for micro in (None, 5):
+        settings = Settings(epochs=1, batch_size=16, micro_batch_size=micro)
+        trained = train_classifier(start, train, np.arange(16), val, 0, settings, torch.device("cpu"),
+                                   progress=False)
+        states.append(trained.model.state_dict())
+    moved = [k for k, v in start.weights.items() if not torch.equal(states[0][f"encoder.{k}"], v)]
+    assert moved  # the step did something to compare
+    for k, v in states[0].items():
+        torch.testing.assert_close(states[1][k], v, rtol=1e-4, atol=1e-6)
+
+
+class _RowMeter:
+    """Memory as a function of the largest forward since reset and the share of checkpointed blocks."""
+
+    def __init__(self, model, encoder):
+        self.encoder, self.rows = encoder, 0
+        model.register_forward_pre_hook(lambda _, args: setattr(self, "rows", max(self.rows, len(args[0]))))
+
+    def reset(self):
+        self.rows = 0
+
+    def peak(self) -> int:
+        from fastmsd.model import checkpointed_blocks
+
+        blocks = checkpointed_blocks(self.encoder)
+        saved = 0.6 * sum(blocks) / len(blocks)
+        return int((100 + 10 * self.rows * (1 - saved)) * 2**20)
+
+
+@pytest.mark.parametrize("budget_mib, forced, micro_at_most", [(1000, 0, 32), (200, 0, 15), (200, 2, 15)])
+def test_gpu_mem_plan_fits_the_budget(micro_run, budget_mib, forced, micro_at_most):
+    """The planner's search over real fine-tuning steps (memory from a stand-in meter, as no GPU is here):
+    the chosen micro-batch and checkpointing fit the budget, a roomy one keeps the whole batch, and a
+    checkpointing interval the user set is the only one tried."""
+    import torch
+    import torch.nn.functional as F
+
+    from fastmsd.finetune import load_start
+    from fastmsd.finetune.classify import Classifier
+    from fastmsd.finetune.plan import FinetuneProbe, plan_finetune
+    from fastmsd.memory import SAFETY_MARGIN
+
+    start = load_start(micro_run)
+    model = Classifier(start.encoder(0), 5)
+    meter = _RowMeter(model, model.encoder)
+    size = start.cfg.image_size
+    images, targets = torch.randn(32, 1, size, size), torch.zeros(32, 5)
+    probe = FinetuneProbe(model, model.encoder, F.binary_cross_entropy_with_logits, images, targets,
+                          torch.device("cpu"), meter, repeats=1)
+    micro, every, line = plan_finetune(probe, budget_mib * 2**20, "stand-in", forced, progress=False)
+    assert micro <= micro_at_most and (micro == 32) == (budget_mib == 1000)
+    if forced:
+        assert every == forced
+    saved = 0.6 * (1 if every == 1 else 0.5 if every == 2 else 0)
+    assert (100 + 10 * micro * (1 - saved)) <= budget_mib * (1 - SAFETY_MARGIN)
+    assert f"micro-batch {micro} x {-(-32 // micro)} for batch 32" in line

@@ -59,6 +59,41 @@ def load_images(paths: Sequence[Path], size: int, desc: str = "decode") -> torch
     return torch.from_numpy(np.stack(arrays))[:, None]
 
 
+class DiskImages:
+    """A split's images indexed like the uint8 [n, 1, size, size] tensor of :func:`load_images`, but decoded
+    from their files at each access (PIL in threads): for a split too large to hold decoded in memory."""
+
+    def __init__(self, paths: Sequence[Path], size: int, workers: int = 4):
+        self.paths, self.size = np.asarray([str(p) for p in paths], dtype=object), size
+        self.pool = ThreadPoolExecutor(max_workers=workers)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return (len(self.paths), 1, self.size, self.size)
+
+    def __getitem__(self, rows: slice | Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        if isinstance(rows, torch.Tensor):
+            rows = rows.numpy()
+        chosen = self.paths[rows] if isinstance(rows, slice) else self.paths[np.asarray(rows, dtype=np.int64)]
+        arrays = list(self.pool.map(lambda p: _load_one(Path(p), self.size), chosen))
+        return torch.from_numpy(np.stack(arrays))[:, None]
+
+
+# Splits up to this many decoded bytes are held in memory; larger ones (CheXpert's 224k training images
+# are 11 GB at 224 px) are read from disk at each access.
+IN_MEMORY_BYTES = 4 << 30
+
+
+def split_images(paths: Sequence[Path], size: int, desc: str = "decode") -> torch.Tensor | DiskImages:
+    """:func:`load_images` when the split fits in :data:`IN_MEMORY_BYTES`, else :class:`DiskImages`."""
+    if len(paths) * size * size <= IN_MEMORY_BYTES:
+        return load_images(paths, size, desc)
+    return DiskImages(paths, size)
+
+
 def to_model_input(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     """uint8 or [0, 1] float images -> normalised float with ``in_chans`` channels."""
     x = images.float() / 255.0 if images.dtype == torch.uint8 else images

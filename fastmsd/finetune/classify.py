@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmsd.data.cache import Cache
-from fastmsd.data.loader import augment, load_images, normalize_, to_device
+from fastmsd.data.loader import DiskImages, augment, normalize_, split_images, to_device
 from fastmsd.eval import metrics
 from fastmsd.eval.runner import probe_targets
 from fastmsd.finetune.fit import Settings, Trained, fit, infer
@@ -21,13 +21,13 @@ from fastmsd.finetune.start import Start
 
 @dataclass
 class Split:
-    images: torch.Tensor  # uint8 [n, 1, size, size]
+    images: torch.Tensor | DiskImages  # uint8 [n, 1, size, size]
     targets: np.ndarray  # {0, 1} [n, labels]
 
 
 def load_split(cache: Cache, split: str, columns: tuple[str, ...], size: int) -> Split:
     indices, targets = probe_targets(cache, cache.indices(split), columns)
-    return Split(load_images(cache.image_paths(indices), size, f"decode {split}"), targets)
+    return Split(split_images(cache.image_paths(indices), size, f"decode {split}"), targets)
 
 
 class Classifier(nn.Module):

@@ -28,6 +28,8 @@ class Settings:
     weight_decay: float = 0.05
     freeze_encoder: bool = False
     checkpointing: int = 0
+    # Rows per forward / backward; a batch of more is accumulated over several (None: the whole batch).
+    micro_batch_size: int | None = None
 
 
 @dataclass
@@ -68,7 +70,10 @@ def fit(model: nn.Module, encoder: nn.Module, idx: np.ndarray, batch: Batch,
     """Train ``model`` (``encoder`` and a new head: every other parameter) on the training rows ``idx``.
 
     ``batch(rows, generator)`` gives the augmented, normalised inputs and the targets of ``rows`` on the
-    device; ``validate(model)`` scores the model after each epoch (higher is better).
+    device; ``validate(model)`` scores the model after each epoch (higher is better). With
+    ``settings.micro_batch_size`` below the batch, gradients are accumulated over micro-batches, each
+    loss weighted by its share of the rows: exact for a loss that is a mean over rows (BCE), while a
+    batch-level term (soft Dice) and batch normalisation see the micro-batch.
     """
     if settings.checkpointing:
         set_block_checkpointing(encoder, settings.checkpointing)
@@ -82,6 +87,7 @@ def fit(model: nn.Module, encoder: nn.Module, idx: np.ndarray, batch: Batch,
         groups.append({"params": list(encoder.parameters()), "lr": settings.lr})
     opt = torch.optim.AdamW(groups, weight_decay=settings.weight_decay, fused=device.type == "cuda")
     size = min(settings.batch_size, len(idx))
+    micro = min(settings.micro_batch_size or size, size)
     total = settings.epochs * math.ceil(len(idx) / size)
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / total)))
     best: tuple[float, int, dict, float] = (-math.inf, 0, {}, math.nan)
@@ -94,11 +100,14 @@ def fit(model: nn.Module, encoder: nn.Module, idx: np.ndarray, batch: Batch,
         order = torch.from_numpy(idx)[torch.randperm(len(idx), generator=step_generator(seed, -1 - epoch))]
         for s in range(0, len(order), size):
             x, y = batch(order[s : s + size], step_generator(seed, step))
-            with autocast(device):
-                out = model(x)
-            value = loss(out.float(), y)
             opt.zero_grad(set_to_none=True)
-            value.backward()
+            value = torch.zeros((), device=device)
+            for m in range(0, len(x), micro):
+                with autocast(device):
+                    out = model(x[m : m + micro])
+                part = loss(out.float(), y[m : m + micro]) * (len(out) / len(x))
+                part.backward()
+                value += part.detach()
             opt.step()
             schedule.step()
             step += 1

@@ -4,6 +4,7 @@ reported as mean and spread over seeds, with results.json, results.md and one fi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import math
 import warnings
@@ -12,15 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from fastmsd.config import ConfigError, check_finetune_task
+from fastmsd.config import ConfigError, check_finetune_task, format_size
 from fastmsd.data.cache import Cache
 from fastmsd.eval import plots
 from fastmsd.eval.probe import FRACTIONS, fraction_name, sample_indices, sample_size, seed_summary
 from fastmsd.eval.runner import probe_columns
 from fastmsd.finetune import classify, segment
 from fastmsd.finetune.fit import Settings
+from fastmsd.finetune.plan import FinetuneProbe, plan_finetune
 from fastmsd.finetune.start import Start
+from fastmsd.memory import available_budget, cap_cuda_memory
 
 METRICS = {"classify": "auc", "segment": "dice"}
 METRIC_NAMES = {"auc": "AUC", "dice": "Dice"}
@@ -73,18 +77,51 @@ def _figure(task: str, model: torch.nn.Module, test: classify.Split | segment.Ma
     # Test items that show a finding, and one that shows none, so that false positives are seen too.
     shows = test.present.any(axis=1)
     shown = np.flatnonzero(shows)[:5].tolist() + np.flatnonzero(~shows)[:1].tolist()
-    pred = segment.predict_masks(model, test.images[shown], in_chans, device)
-    plots.mask_overlays(test.images[shown, 0].numpy(), test.masks[shown].numpy(), pred.numpy(), list(columns),
-                        path, title=f"Masks, {title}")
+    images = test.images[shown]
+    pred = segment.predict_masks(model, images, in_chans, device)
+    plots.mask_overlays(images[:, 0].numpy(), test.masks[shown].numpy(), pred.numpy(), list(columns), path,
+                        title=f"Masks, {title}")
+
+
+def planned(settings: Settings, start: Start, task: str, n_labels: int, gpu_mem: int | None,
+            device: torch.device, progress: bool = True) -> Settings:
+    """``settings`` with the micro-batch and checkpointing that fit ``gpu_mem`` on a CUDA ``device``
+    (measured by the planner on this task's model), after which the allocator is capped at the budget.
+    The probes run before the cap, so that they measure peaks above the budget instead of failing."""
+    if gpu_mem is None:
+        return settings
+    if device.type != "cuda":
+        print(f"note: --gpu-mem {format_size(gpu_mem)} has no effect on {device}")
+        return settings
+    budget = available_budget(gpu_mem, device)
+    size, rows = start.cfg.image_size, settings.batch_size
+    if task == "classify":
+        model, loss = classify.Classifier(start.encoder(0), n_labels), F.binary_cross_entropy_with_logits
+        targets = torch.zeros(rows, n_labels)
+    else:
+        model, loss = segment.build_segmenter(start, n_labels, 0), segment.mask_loss
+        targets = torch.zeros(rows, n_labels, size, size)
+    images = torch.randn(rows, start.cfg.in_chans, size, size)
+    probe = FinetuneProbe(model, model.encoder, loss, images.to(device), targets.to(device), device)
+    try:
+        micro, every, line = plan_finetune(probe, budget, torch.cuda.get_device_name(device),
+                                           settings.checkpointing, progress)
+    finally:
+        del probe, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    cap_cuda_memory(budget, device)
+    print(line, flush=True)
+    return dataclasses.replace(settings, micro_batch_size=micro, checkpointing=every)
 
 
 def finetune(start: Start, cache: Cache, out: Path, task: str = "classify",
              fractions: Sequence[float] = FRACTIONS, seeds: Sequence[int] = (0, 1, 2),
              settings: Settings | None = None, device: torch.device | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, gpu_mem: int | None = None) -> dict:
     """Fine-tune for every (fraction, seed); write results.json, results.md and a figure per fraction (ROC
     curves or mask overlays, of the first seed's model on the test split) to ``out``, and print one line per
-    (fraction, seed)."""
+    (fraction, seed). ``gpu_mem`` (bytes) plans the steps to fit that much CUDA memory (:func:`planned`)."""
     check_finetune_task(task)
     settings = settings or Settings()
     device = device or torch.device("cpu")
@@ -108,6 +145,7 @@ def finetune(start: Start, cache: Cache, out: Path, task: str = "classify",
         if single:
             warnings.warn(f"labels {single} have a single class in the {name} split; left out of its "
                           f"mean {label} where undefined", stacklevel=2)
+    settings = planned(settings, start, task, len(columns), gpu_mem, device, progress)
     trainer = classify.train_classifier if task == "classify" else segment.train_segmenter
     scorer = classify.score if task == "classify" else segment.score
     in_chans = start.cfg.in_chans
