@@ -106,8 +106,8 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--preview", help="also write a PNG grid of samples with their reports")
 
     pr = sub.add_parser("prepare", help="decode, resize and tokenize a dataset into a training cache")
-    pr.add_argument("dataset", help="mimic-cxr, chexpert, rsna-pneumonia, covidx, siim-pneumothorax "
-                                    "or synthcxr")
+    pr.add_argument("dataset", help="mimic-cxr, chexpert, rsna-pneumonia, covidx, siim-pneumothorax, synthcxr, "
+                                    "iu-xray, chestxray14, vindr-cxr, padchest or chexpert-plus")
     pr.add_argument("--root", required=True, help="the dataset folder, as it ships")
     pr.add_argument("--out", required=True, help="the cache folder")
     pr.add_argument("--size", type=int, default=512, help="shorter image side in pixels (default 512)")

@@ -48,7 +48,7 @@ def test_unknown_dataset_lists_the_known_ones(tmp_path):
     with pytest.raises(ValueError, match="rsna-pneumonia"):
         read_dataset("nih-cxr14", tmp_path)
     assert DATASETS == ("mimic-cxr", "chexpert", "rsna-pneumonia", "covidx", "siim-pneumothorax",
-                        "synthcxr")
+                        "synthcxr", "iu-xray", "chestxray14", "vindr-cxr", "padchest", "chexpert-plus")
 
 
 @pytest.mark.parametrize("name, folders, missing", [

@@ -50,15 +50,25 @@ the key and the seed, never on which other images are present.
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import re
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from .masks import BoxMask, FileMask, MaskSource, RleMask, mask_folder
+from . import chestxray14, chexpert_plus, iu_xray, padchest, vindr_cxr
+from .items import (
+    RAGGED,
+    Found,
+    Item,
+    Reader,
+    Reject,
+    hash_split,
+    keep_if_present,
+    open_csv,
+    ragged,
+    require,
+    safe_id,
+)
+from .masks import BoxMask, FileMask, RleMask, mask_folder
 from .mimic import read_mimic_cxr
 from .synthcxr import CHEXPERT_COLUMNS
 from .synthcxr.labels import FINDING_COLUMN, MASKED_FINDINGS
@@ -75,45 +85,15 @@ __all__ = [
 
 DATASETS: tuple[str, ...] = (
     "mimic-cxr", "chexpert", "rsna-pneumonia", "covidx", "siim-pneumothorax", "synthcxr",
+    "iu-xray", "chestxray14", "vindr-cxr", "padchest", "chexpert-plus",
 )
 
 _U_ONES = frozenset({"Atelectasis", "Edema", "Pleural Effusion"})
 UNCERTAIN_POLICY: dict[str, float] = {c: 1.0 if c in _U_ONES else 0.0 for c in CHEXPERT_COLUMNS}
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]")
 # COVIDx CXR-3/-4 label positive/negative; older releases name the class instead.
 _COVIDX_LABELS = {"positive": 1.0, "covid-19": 1.0, "negative": 0.0, "normal": 0.0,
                   "pneumonia": 0.0}
-
-
-@dataclass(frozen=True)
-class Item:
-    """One image to prepare, with its labels (after the policy) and report."""
-
-    id: str                     # filesystem-safe, unique within the dataset, stable
-    dataset: str
-    image: Path                 # absolute path of the JPEG, PNG or DICOM file
-    split: str                  # "train" | "validate" | "test"
-    view: str | None
-    patient: str
-    study: str | None
-    labels: dict[str, float | None] = field(hash=False)
-    report: str | None          # raw report text (MIMIC-CXR, synthcxr), else None
-    # label column -> where its segmentation mask comes from (SIIM, RSNA, synthcxr), else empty
-    masks: dict[str, MaskSource] = field(default_factory=dict, hash=False)
-
-
-@dataclass(frozen=True)
-class Reject:
-    """A label row or file that yields no item, and why."""
-
-    source: str                 # e.g. "train.csv:17"
-    reason: str
-
-
-# (source, item) pairs: the source names the row when the item later turns out a duplicate.
-_Found = list[tuple[str, Item]]
-_Reader = Callable[[Path, bool, int], tuple[_Found, list[Reject]]]
 
 
 def apply_label_policy(raw: dict[str, float | None]) -> dict[str, float | None]:
@@ -139,49 +119,6 @@ def apply_label_policy(raw: dict[str, float | None]) -> dict[str, float | None]:
     return out
 
 
-def hash_split(key: str, seed: int) -> str:
-    """Deterministic 80 / 10 / 10 train / validate / test assignment of ``key``."""
-    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    return "train" if u < 0.8 else "validate" if u < 0.9 else "test"
-
-
-def _safe_id(text: str) -> str:
-    return _UNSAFE.sub("_", text)
-
-
-def _require(path: Path, dataset: str) -> Path:
-    if not path.exists():
-        raise FileNotFoundError(f"{dataset}: missing {path}")
-    return path
-
-
-def _keep_if_present(source: str, item: Item, found: _Found, rejects: list[Reject]) -> None:
-    if item.image.is_file():
-        found.append((source, item))
-    else:
-        rejects.append(Reject(source, f"image file not found: {item.image}"))
-
-
-@contextmanager
-def _open_csv(path: Path, required: tuple[str, ...]) -> Iterator[csv.DictReader]:
-    # skipinitialspace: SIIM's header reads "ImageId, EncodedPixels" and its rows " -1".
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f, skipinitialspace=True)
-        missing = [c for c in required if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {', '.join(missing)}")
-        yield reader
-
-
-_RAGGED = "malformed row: its number of fields differs from the header's"
-
-
-def _ragged(row: dict[str | None, str | None]) -> bool:
-    # DictReader files a row's surplus fields under None and fills its missing ones with None.
-    return None in row or None in row.values()
-
-
 # --------------------------------------------------------------------------- MIMIC-CXR layout
 
 @dataclass(frozen=True)
@@ -200,9 +137,9 @@ def _read_report(path: Path) -> str | _Unreadable:
         return _Unreadable(f"report is not UTF-8 text ({err.reason} at byte {err.start}): {path}")
 
 
-def _mimic_reader(dataset: str) -> _Reader:
-    def read(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-        found: _Found = []
+def _mimic_reader(dataset: str) -> Reader:
+    def read(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
+        found: Found = []
         rejects: list[Reject] = []
         reports: dict[Path, str | _Unreadable] = {}
         # Sets generated before synthcxr drew masks have no masks/ folder: their items get none.
@@ -222,8 +159,8 @@ def _mimic_reader(dataset: str) -> _Reader:
             if isinstance(report, _Unreadable):
                 rejects.append(Reject(source, report.reason))
                 continue
-            _keep_if_present(source, Item(
-                id=_safe_id(rec.dicom_id), dataset=dataset, image=rec.image_path, split=rec.split,
+            keep_if_present(source, Item(
+                id=safe_id(rec.dicom_id), dataset=dataset, image=rec.image_path, split=rec.split,
                 view=rec.view or None, patient=rec.subject_id, study=rec.study_id, labels=labels,
                 report=report, masks={column: FileMask(root / "masks" / mask_folder(column) / f"{rec.dicom_id}.png")
                                       for column in masked}), found, rejects)
@@ -253,8 +190,8 @@ def _chexpert_values(row: dict[str, str]) -> dict[str, float | None]:
     return out
 
 
-def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    found: _Found = []
+def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
+    found: Found = []
     rejects: list[Reject] = []
     required = ("Path", "Frontal/Lateral", "AP/PA", *CHEXPERT_COLUMNS)
     for name, split, needed in (("train.csv", "train", True), ("valid.csv", "validate", True),
@@ -262,11 +199,11 @@ def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, l
         path = root / name
         if not needed and not path.is_file():
             continue
-        with _open_csv(_require(path, "chexpert"), required) as reader:
+        with open_csv(require(path, "chexpert"), required) as reader:
             for row in reader:
                 source = f"{name}:{reader.line_num}"
-                if _ragged(row):
-                    rejects.append(Reject(source, _RAGGED))
+                if ragged(row):
+                    rejects.append(Reject(source, RAGGED))
                     continue
                 frontal = row["Frontal/Lateral"].strip().lower() == "frontal"
                 if frontal_only and not frontal:
@@ -283,8 +220,8 @@ def _read_chexpert(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, l
                     continue
                 patient, study = rel.parts[-3], rel.parts[-2]
                 view = (row["AP/PA"].strip().upper() or None) if frontal else "LATERAL"
-                _keep_if_present(source, Item(
-                    id=_safe_id(f"{patient}_{study}_{rel.stem}"), dataset="chexpert",
+                keep_if_present(source, Item(
+                    id=safe_id(f"{patient}_{study}_{rel.stem}"), dataset="chexpert",
                     image=root.joinpath(*rel.parts), split=split, view=view, patient=patient,
                     study=f"{patient}_{study}", labels=labels, report=None), found, rejects)
     return found, rejects
@@ -302,11 +239,11 @@ def _positives_by_id(path: Path, id_column: str, value_column: str,
     ``positive`` cannot read (None) is rejected."""
     found: _Positives = {}
     rejects: list[Reject] = []
-    with _open_csv(path, (id_column, value_column)) as reader:
+    with open_csv(path, (id_column, value_column)) as reader:
         for row in reader:
             source = f"{path.name}:{reader.line_num}"
-            if _ragged(row):
-                rejects.append(Reject(source, _RAGGED))
+            if ragged(row):
+                rejects.append(Reject(source, RAGGED))
                 continue
             key, value = row[id_column].strip(), row[value_column].strip()
             is_positive = positive(value) if key else None
@@ -327,12 +264,12 @@ def _rle_positive(rle: str) -> bool | None:
     return True if runs and len(runs) % 2 == 0 and all(r.isdigit() for r in runs) else None
 
 
-def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    images = _require(root / "stage_2_train_images", "rsna-pneumonia")
+def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
+    images = require(root / "stage_2_train_images", "rsna-pneumonia")
     # One row per box, so a patient may repeat.
-    patients, rejects = _positives_by_id(_require(root / "stage_2_train_labels.csv", "rsna-pneumonia"),
+    patients, rejects = _positives_by_id(require(root / "stage_2_train_labels.csv", "rsna-pneumonia"),
                                          "patientId", "Target", {"0": False, "1": True}.get)
-    found: _Found = []
+    found: Found = []
     for pid, (source, positive, rows) in patients.items():
         try:
             boxes = tuple(tuple(float(row[c]) for c in ("x", "y", "width", "height")) for row in rows)
@@ -340,8 +277,8 @@ def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
             rejects.append(Reject(source, "malformed box: a Target 1 row needs numbers in x, y, "
                                           "width and height"))
             continue
-        _keep_if_present(source, Item(
-            id=_safe_id(pid), dataset="rsna-pneumonia", image=images / f"{pid}.dcm",
+        keep_if_present(source, Item(
+            id=safe_id(pid), dataset="rsna-pneumonia", image=images / f"{pid}.dcm",
             split=hash_split(pid, seed), view=None, patient=pid, study=None,
             labels={"Pneumonia": 1.0 if positive else 0.0}, report=None,
             masks={"Pneumonia": BoxMask(boxes)}), found, rejects)
@@ -350,16 +287,16 @@ def _read_rsna(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
 
 # --------------------------------------------------------------------------- COVIDx
 
-def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    found: _Found = []
+def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
+    found: Found = []
     rejects: list[Reject] = []
     for stem, split, needed in (("train", "train", True), ("val", "validate", False),
                                 ("test", "test", True)):
         name = f"{stem}.txt"
         if not needed and not (root / name).is_file():
             continue
-        listing = _require(root / name, "covidx")
-        folder = _require(root / stem, "covidx")
+        listing = require(root / name, "covidx")
+        folder = require(root / stem, "covidx")
         with open(listing) as f:
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -376,8 +313,8 @@ def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, lis
                 if value is None:
                     rejects.append(Reject(source, f"unknown label {label!r}"))
                     continue
-                _keep_if_present(source, Item(
-                    id=_safe_id(Path(filename).stem), dataset="covidx", image=folder / filename,
+                keep_if_present(source, Item(
+                    id=safe_id(Path(filename).stem), dataset="covidx", image=folder / filename,
                     split=split, view=None, patient=patient, study=None,
                     labels={"COVID-19": value}, report=None), found, rejects)
     return found, rejects
@@ -385,13 +322,13 @@ def _read_covidx(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, lis
 
 # --------------------------------------------------------------------------- SIIM-ACR Pneumothorax
 
-def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[Reject]]:
-    folder = _require(root / "dicom-images-train", "siim-pneumothorax")
+def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
+    folder = require(root / "dicom-images-train", "siim-pneumothorax")
     # An image with several masks has several rows.
-    images, rejects = _positives_by_id(_require(root / "train-rle.csv", "siim-pneumothorax"),
+    images, rejects = _positives_by_id(require(root / "train-rle.csv", "siim-pneumothorax"),
                                        "ImageId", "EncodedPixels", _rle_positive)
     on_disk = {p.stem: p for p in folder.rglob("*.dcm")}
-    found: _Found = []
+    found: Found = []
     for image_id, (source, positive, rows) in images.items():
         path = on_disk.get(image_id)
         if path is None:
@@ -400,7 +337,7 @@ def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
         # The Kaggle release nests <StudyUID>/<SeriesUID>/<ImageId>.dcm.
         nested = len(path.relative_to(folder).parts) >= 3
         found.append((source, Item(
-            id=_safe_id(image_id), dataset="siim-pneumothorax", image=path,
+            id=safe_id(image_id), dataset="siim-pneumothorax", image=path,
             split=hash_split(image_id, seed), view=None, patient=image_id,
             study=path.parent.parent.name if nested else None,
             labels={"Pneumothorax": 1.0 if positive else 0.0}, report=None,
@@ -408,13 +345,18 @@ def _read_siim(root: Path, frontal_only: bool, seed: int) -> tuple[_Found, list[
     return found, rejects
 
 
-_READERS: dict[str, _Reader] = {
+_READERS: dict[str, Reader] = {
     "mimic-cxr": _mimic_reader("mimic-cxr"),
     "chexpert": _read_chexpert,
     "rsna-pneumonia": _read_rsna,
     "covidx": _read_covidx,
     "siim-pneumothorax": _read_siim,
     "synthcxr": _mimic_reader("synthcxr"),
+    "iu-xray": iu_xray.read,
+    "chestxray14": chestxray14.read,
+    "vindr-cxr": vindr_cxr.read,
+    "padchest": padchest.read,
+    "chexpert-plus": chexpert_plus.read,
 }
 
 

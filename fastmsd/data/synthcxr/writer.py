@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .cohort import plan_studies
 from ..masks import write_mask
+from .cohort import plan_studies
 from .labels import CHEXPERT_COLUMNS, ZEROSHOT_CLASSES
 from .radiograph import render_with_masks
 from .reports import write_report
