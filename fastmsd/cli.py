@@ -22,6 +22,7 @@ from fastmsd.config import (
     TrainConfig,
     check_finetune_task,
     option_name,
+    parse_data,
     parse_size,
     preset,
     setting_of,
@@ -106,8 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--preview", help="also write a PNG grid of samples with their reports")
 
     pr = sub.add_parser("prepare", help="decode, resize and tokenize a dataset into a training cache")
-    pr.add_argument("dataset", help="mimic-cxr, chexpert, rsna-pneumonia, covidx, siim-pneumothorax, synthcxr, "
-                                    "iu-xray, chestxray14, vindr-cxr, padchest or chexpert-plus")
+    pr.add_argument("dataset", help="mimic-cxr, chexpert, rsna-pneumonia, covidx, siim-pneumothorax, "
+                                    "synthcxr, iu-xray, chestxray14, vindr-cxr, padchest or chexpert-plus")
     pr.add_argument("--root", required=True, help="the dataset folder, as it ships")
     pr.add_argument("--out", required=True, help="the cache folder")
     pr.add_argument("--size", type=int, default=512, help="shorter image side in pixels (default 512)")
@@ -117,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
                     help="WordPiece vocabulary built from the training reports (default 30522)")
     pr.add_argument("--tokenizer", help="use this tokenizer folder (e.g. a text encoder's) instead")
     pr.add_argument("--seed", type=int, default=0, help="seed of the datasets' hashed splits")
+    pr.add_argument("--text", default="both",
+                    help="report text to train on: findings, impression, both (joined, the default) or "
+                         "longest (the longer section, as CXR-CLIP); a missing section gives the other")
     pr.add_argument("--no-progress", action="store_true")
 
     ev = sub.add_parser("eval", help="zero-shot, retrieval and linear-probe evaluation of a checkpoint")
@@ -218,8 +222,11 @@ def _train(args: argparse.Namespace) -> None:
     _positive(args, [*_POSITIVE, "stop_after"])
     if args.eval_every is not None and args.eval_every < 0:
         raise ConfigError(f"--eval-every must be >= 0, got {args.eval_every}")
-    if args.data is not None and not Path(args.data).is_dir():
-        raise ConfigError(f"data folder {args.data} not found")
+    if args.data is not None:
+        mix = parse_data(args.data)
+        for folder in [args.data] if mix is None else [folder for folder, _ in mix]:
+            if not Path(folder).is_dir():
+                raise ConfigError(f"data folder {folder} not found")
     if args.init is not None and args.resume is not None:
         raise ConfigError("--init starts a new run from trained weights and --resume continues a run: "
                           "pass one of them")
@@ -280,7 +287,7 @@ def _prepare(args: argparse.Namespace) -> None:
 
     counts = prepare(args.dataset, args.root, args.out, size=args.size, workers=args.workers,
                      vocab_size=args.vocab_size, max_len=args.max_len, tokenizer=args.tokenizer,
-                     seed=args.seed, progress=not args.no_progress)
+                     seed=args.seed, text=args.text, progress=not args.no_progress)
     print(f"{args.dataset}: found {counts['found']}, prepared {counts['prepared']}, "
           f"rejected {counts['rejected']} (reasons in {Path(args.out) / 'rejects.csv'})")
 

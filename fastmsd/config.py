@@ -8,6 +8,7 @@ its choices and CLI hints. The CLI generates an option for every field from that
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,9 +95,18 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     data: str = setting(
-        "data/synthcxr-cache", train_only=True,
+        "data/synthcxr-cache", train_only=True, metavar="CACHE|MIX",
         help="a cache made by `fastmsd prepare` (default data/synthcxr-cache: synthcxr, generated and "
-             "prepared on first use)")
+             "prepared on first use), or a mix of caches with sampling weights, PATH=WEIGHT,..., e.g. "
+             "caches/mimic=0.7,caches/chestxray14=0.3 (evaluation uses the first)")
+    label_text: bool = setting(
+        True, train_only=True,
+        help="a cache without reports, or with reports not in English (PadChest), trains on texts "
+             "written from its positive labels by the --label-prompts grammar (default); off, reports "
+             "in any language, and a cache without reports is refused")
+    label_prompts: str | None = setting(
+        None, train_only=True, metavar="FILE",
+        help="YAML grammar of the label texts (default: fastmsd/data/label_prompts.yaml)")
     runs_dir: str = setting("runs", help="where run folders live (default runs)")
     name: str | None = setting(
         None, help="run name (default PRESET-DATE-TIME); the plan is cached in its folder")
@@ -202,6 +212,7 @@ class Config:
                 if choices is not None and value not in choices:
                     raise ConfigError(f"unknown {option_name(f)} {value!r} ({_one_of(choices)})")
         parse_checkpointing(t.checkpointing)
+        parse_data(t.data)
         if t.dist_timeout <= 0:
             raise ConfigError(f"--dist-timeout must be positive, got {t.dist_timeout}")
         if not 0.0 <= t.alpha <= 1.0:
@@ -255,6 +266,33 @@ def parse_checkpointing(text: str) -> tuple[int, int]:
                               "(every K-th block, 0 for none)")
         every[key.strip()] = int(value)
     return every.get("image", 0), every.get("text", 0)
+
+
+def parse_data(text: str) -> list[tuple[str, float]] | None:
+    """``--data`` as a mix, "PATH=WEIGHT,PATH=WEIGHT,...": [(cache folder, weight)] in the given
+    order, the weights normalised to sum 1; None for one cache folder (a text without "=", or an
+    existing folder whose name has one). A folder is a path, relative to the working directory."""
+    if "=" not in text or Path(text).is_dir():
+        return None
+    mix: dict[Path, tuple[str, float]] = {}
+    for part in text.split(","):
+        folder, _, weight = part.rpartition("=")
+        folder, weight = folder.strip(), weight.strip()
+        try:
+            value = float(weight)
+        except ValueError:
+            value = math.nan
+        if not folder or not math.isfinite(value):
+            raise ConfigError(f"malformed --data {text!r}: one cache folder, or a mix "
+                              "PATH=WEIGHT,PATH=WEIGHT,... (e.g. caches/mimic=0.7,caches/chestxray14=0.3)")
+        if value <= 0:
+            raise ConfigError(f"--data gives {folder} the weight {weight}: weights must be positive "
+                              "(leave a cache out rather than weigh it 0)")
+        if Path(folder) in mix:
+            raise ConfigError(f"--data names {folder} twice")
+        mix[Path(folder)] = (folder, value)
+    total = sum(value for _, value in mix.values())
+    return [(folder, value / total) for folder, value in mix.values()]
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ import copy
 import json
 import resource
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -24,10 +25,21 @@ from fastmsd.checkpoint import (
     save_checkpoint,
     student_weights,
 )
-from fastmsd.config import Config, ConfigError, ModelConfig, format_size, load_yaml, parse_size, save_yaml
+from fastmsd.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    format_size,
+    load_yaml,
+    parse_data,
+    parse_size,
+    save_yaml,
+)
 from fastmsd.data import dali
 from fastmsd.data.cache import Cache
+from fastmsd.data.label_text import load_grammar
 from fastmsd.data.loader import BatchStream, MemoryImages, StreamImages, to_device
+from fastmsd.data.mix import MixStream, Source, training_source
 from fastmsd.data.text import load_tokenizer, tokenize, trim_reports
 from fastmsd.distributed import Dist, RankLost, from_env, shutdown
 from fastmsd.engine import LOSS_TERMS, Batch, Engine, resolve_precision
@@ -58,9 +70,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def ensure_data(data: str | Path, generate: bool) -> Cache:
-    """The prepared cache training reads. With ``generate`` (the default synthcxr location), a
-    missing cache is made on first use: synthcxr is generated beside it, then prepared."""
-    data = Path(data)
+    """The prepared cache training reads; of a mix (``--data PATH=WEIGHT,...``), its first, the one
+    the run evaluates on. With ``generate`` (the default synthcxr location), a missing cache is
+    made on first use: synthcxr is generated beside it, then prepared."""
+    mix = parse_data(str(data))
+    data = Path(data if mix is None else mix[0][0])
     if generate and not Cache.is_cache(data):
         from fastmsd.data.prepare import prepare
         from fastmsd.data.synthcxr import generate as generate_synthcxr
@@ -115,25 +129,62 @@ def new_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def run_tokens(cfg: Config, cache: Cache, indices: list[int], run_dir: Path, save: bool = True,
+def training_data(cfg: Config, generate: bool) -> list[Source]:
+    """The training sources ``--data`` names: one cache (weight 1), or a mix's caches in its order
+    with their weights. A cache without reports trains on texts written from its labels by the
+    ``--label-prompts`` grammar, unless ``--no-label-text``."""
+    t = cfg.train
+    mix = parse_data(t.data)
+    caches = [(ensure_data(t.data, generate), 1.0)] if mix is None else \
+        [(ensure_data(folder, generate=False), weight) for folder, weight in mix]
+    grammar = load_grammar(t.label_prompts) if t.label_text else None
+    return [training_source(cache, weight, grammar, t.seed) for cache, weight in caches]
+
+
+def check_vocabulary(cfg: Config, sources: Sequence[Source], vocabulary: Path | None) -> None:
+    """Refuse data without a vocabulary: caches without reports only, and neither a local text
+    encoder folder nor an ``--init`` vocabulary (``run_tokens`` takes the first of those)."""
+    if vocabulary is None and not Path(cfg.model.text_encoder).is_dir() and \
+            not any(s.texts is None for s in sources):
+        raise ConfigError("no cache of --data trains on its reports to give the run its vocabulary: mix in "
+                          "one that does, train a --text-encoder model folder (it has its own tokenizer) or "
+                          "--init a run")
+
+
+def run_tokens(cfg: Config, sources: Sequence[Source], run_dir: Path, save: bool = True,
                vocabulary: Path | None = None):
-    """The run's tokenizer and the token arrays of ``indices``: the cache's own vocabulary and
-    arrays, copied into the run folder (``save``, so that evaluation needs only the run); or,
-    when the text encoder is a local model folder, that model's tokenizer over the report texts.
+    """The run's tokenizer and the token arrays of the sources' training items, end to end: the
+    vocabulary of the first cache with reports, copied into the run folder (``save``, so that
+    evaluation needs only the run), with the cached arrays of every cache of that vocabulary and
+    the other texts (reports of another vocabulary, label texts) tokenized by it; or, when the
+    text encoder is a local model folder, that model's tokenizer over all the texts.
 
     ``vocabulary`` is the tokenizer folder of the run ``--init`` starts from: its weights embed
     that vocabulary's ids, so it replaces the cache's, whose WordPieces may be other ones."""
-    source = Path(cfg.model.text_encoder)
-    if source.is_dir():
-        tokenizer = load_tokenizer(source)
-        return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
-    cached = cache.tokenizer()
-    tokenizer = cached if vocabulary is None else load_tokenizer(vocabulary)
-    if save:
-        tokenizer.save_pretrained(run_dir / "tokenizer")
-    if tokenizer is cached or tokenizer.get_vocab() == cached.get_vocab():
-        return tokenizer, cache.token_arrays(indices, cfg.model.max_len)
-    return tokenizer, tokenize(tokenizer, cache.texts(indices), cfg.model.max_len)
+    check_vocabulary(cfg, sources, vocabulary)
+    model = Path(cfg.model.text_encoder)
+    if model.is_dir():
+        tokenizer = load_tokenizer(model)
+    else:
+        provider = next((s.cache for s in sources if s.texts is None), None)
+        tokenizer = provider.tokenizer() if vocabulary is None else load_tokenizer(vocabulary)
+        if save:
+            tokenizer.save_pretrained(run_dir / "tokenizer")
+    arrays = [_source_tokens(cfg, tokenizer, source, reuse=not model.is_dir()) for source in sources]
+    if len(arrays) == 1:  # no copy of a large cache's arrays
+        return tokenizer, arrays[0]
+    return tokenizer, (torch.cat([ids for ids, _ in arrays]), torch.cat([mask for _, mask in arrays]))
+
+
+def _source_tokens(cfg: Config, tokenizer, source: Source, reuse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A source's token arrays: its cache's own when ``reuse`` allows and the vocabulary is the
+    cache's, else its texts tokenized."""
+    max_len, cache = cfg.model.max_len, source.cache
+    if source.texts is not None:
+        return tokenize(tokenizer, source.texts, max_len)
+    if reuse and tokenizer.get_vocab() == cache.tokenizer().get_vocab():
+        return cache.token_arrays(source.indices, max_len)
+    return tokenize(tokenizer, cache.texts(source.indices), max_len)
 
 
 class PeakMemory:
@@ -261,22 +312,26 @@ def _resume_hint(run_dir: Path) -> str:
     return f"the last checkpoint, {latest}, is intact: continue with --resume latest"
 
 
-def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
-                 generate_data: bool) -> tuple[Path | None, Path, Cache]:
-    """(checkpoint to resume or None, run folder, cache); the folder work is rank 0's."""
-    cache: Cache | None = None  # rank 0's, read once (other ranks read theirs below)
+def _prepare_run(cfg: Config, dist: Dist, resume: str | None, generate_data: bool,
+                 vocabulary: Path | None) -> tuple[Path | None, Path, list[Source]]:
+    """(checkpoint to resume or None, run folder, training sources); the folder work is rank 0's.
+    ``vocabulary``: the ``--init`` run's tokenizer folder, if any."""
+    sources: list[Source] | None = None  # rank 0's, read once (other ranks read theirs below)
 
     def on_main() -> tuple[Path | None, Path]:
-        nonlocal cache
+        nonlocal sources
         checkpoint = run_dir = None
         if resume is not None:
             checkpoint = locate_checkpoint(cfg.train.runs_dir, cfg.train.name, resume)
             run_dir = checkpoint.parent.parent
-        cache = ensure_data(cfg.train.data, generate_data)
+        sources = training_data(cfg, generate_data)
+        check_vocabulary(cfg, sources, vocabulary)  # before a run folder is made
+        if len(sources) > 1 or sources[0].texts is not None:
+            print("training data:\n" + "\n".join(f"  {source.describe()}" for source in sources))
         if cfg.train.eval_every:
             from fastmsd.eval.zeroshot import load_zeroshot_set
 
-            load_zeroshot_set(cache)  # fail now, not after hours of training
+            load_zeroshot_set(sources[0].cache)  # fail now, not after hours of training
         if run_dir is None:
             run_dir = new_run_dir(cfg)
         else:
@@ -285,7 +340,7 @@ def _prepare_run(cfg: Config, dist: Dist, resume: str | None,
 
     checkpoint, run_dir = dist.on_main(on_main, "the run set-up")
     cfg.train.name = run_dir.name
-    return checkpoint, run_dir, cache or ensure_data(cfg.train.data, generate=False)
+    return checkpoint, run_dir, sources or training_data(cfg, generate=False)
 
 
 @dataclass(frozen=True)
@@ -346,13 +401,13 @@ class Training:
     dist: Dist
     device: torch.device
     run_dir: Path
-    cache: Cache
+    cache: Cache  # what the run evaluates on: the --data cache, a mix's first
     tokenizer: object
-    input_ids: torch.Tensor  # the training split's tokens, on the host
+    input_ids: torch.Tensor  # the training items' tokens (a mix's sources end to end), on the host
     attention_mask: torch.Tensor
     engine: Engine
     images: object  # the --loader: .batch(indices, step, prefetch) -> images on the device
-    stream: BatchStream
+    stream: BatchStream | MixStream
     plan: Plan | None
     trim: bool  # cut each batch's reports to its longest
 
@@ -380,10 +435,9 @@ def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, g
         parse_size(cfg.train.gpu_mem)
     # A resumed run's config still names the --init it started from; its checkpoint holds the weights.
     init = locate_init(cfg.train.init, cfg.model) if cfg.train.init is not None and resume is None else None
-    checkpoint, run_dir, cache = _prepare_run(cfg, dist, resume, generate_data)
-    train_idx = cache.indices("train")
     vocabulary = None if init is None else init.vocabulary
-    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, cache, train_idx, run_dir, save=dist.is_main,
+    checkpoint, run_dir, sources = _prepare_run(cfg, dist, resume, generate_data, vocabulary)
+    tokenizer, (input_ids, attention_mask) = run_tokens(cfg, sources, run_dir, save=dist.is_main,
                                                         vocabulary=vocabulary)
 
     # The plan: rank 0 plans for its share of the effective batch; every rank runs that plan.
@@ -405,8 +459,13 @@ def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, g
         torch.manual_seed(cfg.train.seed + 1_000_003 * dist.rank)
 
     # The data: every rank walks the same global shuffle and takes its own slice of each batch.
-    images = build_loader(cfg, cache.image_paths(train_idx), device, (dist.rank, dist.world))
-    stream = BatchStream(len(train_idx), cfg.train.batch_size, cfg.train.seed)
+    paths = [path for source in sources for path in source.cache.image_paths(source.indices)]
+    images = build_loader(cfg, paths, device, (dist.rank, dist.world))
+    if parse_data(cfg.train.data) is None:
+        stream = BatchStream(len(paths), cfg.train.batch_size, cfg.train.seed)
+    else:
+        stream = MixStream([len(s.indices) for s in sources], [s.weight for s in sources],
+                           cfg.train.batch_size, cfg.train.seed)
     padding = cfg.train.report_padding
     trim = padding == "trim" or (padding == "auto" and not cfg.train.compile)
 
@@ -418,12 +477,16 @@ def _set_up(cfg: Config, dist: Dist, device: torch.device, resume: str | None, g
     # Resume: weights, rings, optimizer, RNG streams and the data position.
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, engine.model, engine.rings, device)
-        stream.load_state_dict(state.pop("data"))
+        data = state.pop("data")
+        if isinstance(stream, BatchStream) and "sources" in data:
+            raise ConfigError(f"checkpoint {checkpoint} was saved by a run on a mix of caches: resume with "
+                              "the run's own --data")
+        stream.load_state_dict(data)
         engine.load_state_dict(state)
         if dist.is_main:
             print(f"resumed {checkpoint} at step {engine.step}")
-    return Training(cfg, dist, device, run_dir, cache, tokenizer, input_ids, attention_mask, engine, images,
-                    stream, plan, trim)
+    return Training(cfg, dist, device, run_dir, sources[0].cache, tokenizer, input_ids, attention_mask,
+                    engine, images, stream, plan, trim)
 
 
 def _next_batch(training: Training) -> Batch:

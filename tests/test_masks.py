@@ -95,6 +95,18 @@ def test_boxes_and_nearest_neighbour_resize():
     assert big.dtype == bool and (big[::2, ::2] == expected).all()
 
 
+def test_boxes_on_the_image_grid_take_its_size():
+    """VinDr's boxes have no fixed grid: they are drawn on whatever size the image decodes to."""
+    boxes = BoxMask(((1.0, 2.0, 3.0, 1.0),), shape=None)
+    expected = np.zeros((5, 7), dtype=bool)
+    expected[2, 1:4] = True
+    assert (render_mask(boxes, (5, 7)) == expected).all()
+    with pytest.raises(ValueError, match="not inside"):
+        render_mask(boxes, (2, 7))
+    with pytest.raises(ValueError, match="image's size"):
+        render_mask(boxes)
+
+
 def test_synthcxr_masks_leave_the_image_unchanged():
     findings = {"pneumothorax": {"side": "left", "severity": "large"},
                 "pleural_effusion": {"side": "right", "severity": "moderate"}}

@@ -11,9 +11,12 @@ import pydicom
 import pytest
 from PIL import Image
 
+from fastmsd import cli
+from fastmsd.config import ConfigError
 from fastmsd.data.cache import Cache
 from fastmsd.data.prepare import prepare, report_sections
 from fastmsd.data.synthcxr import generate
+from fastmsd.data.text import tokenize
 from tests.helpers import rg1_files, write_dicom
 
 
@@ -138,3 +141,80 @@ def test_real_radiograph_prepares_identically_from_each_lossless_encoding(tmp_pa
     centre = a[rows, int(w * 0.45) : int(w * 0.55)].mean()
     left, right = a[rows, int(w * 0.15) : int(w * 0.3)].mean(), a[rows, int(w * 0.7) : int(w * 0.85)].mean()
     assert centre > left + 20 and centre > right + 20, (centre, left, right)
+
+
+FINAL = " " * 33 + "FINAL REPORT\n"
+# Report -> (findings, impression) as the manifest keeps them.
+SHAPES = {
+    FINAL + " FINDINGS: \n \n Small left pleural effusion.\n \n IMPRESSION: \n \n Effusion.\n":
+        ("Small left pleural effusion.", "Effusion."),
+    FINAL + " INDICATION:  Cough.\n \n IMPRESSION: \n \n No acute process.\n": ("", "No acute process."),
+    FINAL + " FINDINGS:  Normal.\n \n IMPRESSION:  Right lower lobe pneumonia, follow up.\n":
+        ("Normal.", "Right lower lobe pneumonia, follow up."),
+    FINAL + " PORTABLE CHEST OF ___\n \n Lungs are clear.\n": ("Lungs are clear.", ""),
+}
+CHOSEN = {  # --text -> the text tokenized for each of SHAPES, in order
+    "findings": ["Small left pleural effusion.", "No acute process.", "Normal.", "Lungs are clear."],
+    "impression": ["Effusion.", "No acute process.", "Right lower lobe pneumonia, follow up.",
+                   "Lungs are clear."],
+    "both": ["Small left pleural effusion. Effusion.", "No acute process.",
+             "Normal. Right lower lobe pneumonia, follow up.", "Lungs are clear."],
+    "longest": ["Small left pleural effusion.", "No acute process.", "Right lower lobe pneumonia, follow up.",
+                "Lungs are clear."],
+}
+
+
+@pytest.fixture(scope="module")
+def shaped_root(tmp_path_factory) -> Path:
+    """A tiny synthcxr set whose first studies carry the reports of SHAPES."""
+    root = generate(tmp_path_factory.mktemp("shaped"), n_train=12, n_per_class=1, size=32, n_dicom=0,
+                    workers=1, progress=False)
+    for path, text in zip(sorted((root / "files").rglob("s*.txt")), SHAPES, strict=False):
+        path.write_text(text)
+    return root
+
+
+def shaped_rows(cache: Cache) -> list[int]:
+    """The cache rows of the SHAPES reports, in SHAPES order."""
+    reports = sorted((Path(cache.info["params"]["root"]) / "files").rglob("s*.txt"))[:len(SHAPES)]
+    return [next(i for i, row in enumerate(cache.rows) if row["study"] == p.stem[1:]) for p in reports]
+
+
+@pytest.mark.parametrize("text", list(CHOSEN))
+def test_text_choice_is_what_gets_tokenized(shaped_root, tmp_path, text):
+    out = tmp_path / "cache"
+    counts = prepare("synthcxr", shaped_root, out, size=16, workers=1, max_len=64, text=text, progress=False)
+    assert counts["prepared"] + counts["rejected"] == counts["found"] and counts["rejected"] == 0
+    cache = Cache(out)
+    assert cache.text == text == cache.info["params"]["text"]
+    rows = shaped_rows(cache)
+    # The manifest keeps both sections whatever the choice.
+    assert [(cache.rows[i]["findings"], cache.rows[i]["impression"]) for i in rows] == list(SHAPES.values())
+    assert cache.texts(rows) == CHOSEN[text]
+    tok = cache.tokenizer()
+    ids, mask = cache.token_arrays(rows, 64)
+    decoded = [tok.decode(ids[k][mask[k]].tolist(), skip_special_tokens=True) for k in range(len(rows))]
+    assert decoded == [t.lower() for t in CHOSEN[text]]
+    # Every row: the tokens are those of the text the cache says it trains on.
+    every = list(range(len(cache.rows)))
+    assert np.array_equal(cache.token_arrays(every, 64)[0], tokenize(tok, cache.texts(every), 64)[0])
+
+
+def test_text_choice_is_checked_and_is_a_cache_parameter(shaped_root, tmp_path, capsys):
+    out = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="unknown --text 'summary' .*findings, impression, both, longest"):
+        prepare("synthcxr", shaped_root, out, size=16, workers=1, text="summary", progress=False)
+    assert cli.main(["prepare", "synthcxr", "--root", str(shaped_root), "--out", str(out),
+                     "--text", "summary", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unknown --text 'summary'" in err
+    prepare("synthcxr", shaped_root, out, size=16, workers=1, max_len=24, progress=False)
+    with pytest.raises(ConfigError, match="other parameters"):
+        prepare("synthcxr", shaped_root, out, size=16, workers=1, max_len=24, text="longest", progress=False)
+
+    # A cache prepared before the choice existed trains on both sections joined.
+    info = json.loads((out / "prepare.json").read_text())
+    del info["params"]["text"]
+    (out / "prepare.json").write_text(json.dumps(info))
+    cache = Cache(out)
+    assert cache.text == "both" and cache.texts(shaped_rows(cache)) == CHOSEN["both"]

@@ -13,6 +13,25 @@ from fastmsd.config import ConfigError
 # File names of a cache. Reading one needs none of prepare's decoders (pydicom and codecs).
 MANIFEST, REJECTS, PROGRESS, MARKER = "manifest.jsonl", "rejects.csv", "progress.jsonl", "prepare.json"
 ZEROSHOT_LIST = "synthcxr-5x200.csv"
+TEXT_CHOICES = ("findings", "impression", "both", "longest")
+
+
+def check_text(text: str) -> None:
+    if text not in TEXT_CHOICES:
+        raise ConfigError(f"unknown --text {text!r} (choose from {', '.join(TEXT_CHOICES)})")
+
+
+def choose_text(findings: str, impression: str, text: str) -> str:
+    """The report text ``--text`` trains on: "findings" or "impression" (the other section when that
+    one is missing, so a report never loses its text), "both" joined, or "longest", the longer of
+    the two by characters as CXR-CLIP takes it (findings on a tie)."""
+    check_text(text)
+    if text == "both":
+        return f"{findings} {impression}".strip()
+    if text == "longest":
+        return impression if len(impression) > len(findings) else findings
+    first, other = (findings, impression) if text == "findings" else (impression, findings)
+    return first or other
 
 
 class Cache:
@@ -53,8 +72,8 @@ class Cache:
         left out when the cache has masks of one finding only."""
         if finding is None:
             if len(self.mask_findings) != 1:
-                raise ConfigError(f"cache {self.root} has masks of {list(self.mask_findings) or 'no finding'}: "
-                                  "name the finding")
+                found = list(self.mask_findings) or "no finding"
+                raise ConfigError(f"cache {self.root} has masks of {found}: name the finding")
             finding = self.mask_findings[0]
         if finding not in self.mask_findings:
             raise ConfigError(f"cache {self.root} has no {finding!r} masks "
@@ -70,8 +89,14 @@ class Cache:
     def image_paths(self, indices: list[int]) -> list[Path]:
         return [self.root / self.rows[i]["image"] for i in indices]
 
+    @property
+    def text(self) -> str:
+        """The report text the cache was tokenized from (a ``TEXT_CHOICES`` value; "both" for caches
+        prepared before the choice)."""
+        return self.info["params"].get("text", "both")
+
     def texts(self, indices: list[int]) -> list[str]:
-        return [f"{self.rows[i]['findings']} {self.rows[i]['impression']}".strip() for i in indices]
+        return [choose_text(self.rows[i]["findings"], self.rows[i]["impression"], self.text) for i in indices]
 
     def token_arrays(self, indices: list[int], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Cached token ids [n, max_len] (int32) and attention mask, cut to ``max_len``."""

@@ -9,8 +9,8 @@ gives no line numbers: there it is the image path relative to the root.
 
 Label policy
 ------------
-One policy, applied here, for the datasets labelled by the CheXpert labeler (``chexpert``,
-``mimic-cxr``, ``synthcxr``); :func:`apply_label_policy` implements it:
+One policy, applied here, for the datasets labelled by the CheXpert labeler or CheXbert (``chexpert``,
+``mimic-cxr``, ``synthcxr``, ``chexpert-plus``); :func:`apply_label_policy` implements it:
 
 * positive 1.0 stays 1.0, negative 0.0 stays 0.0;
 * blank (the report does not mention the finding) becomes 0.0 for every column, "No Finding"
@@ -28,14 +28,16 @@ One policy, applied here, for the datasets labelled by the CheXpert labeler (``c
 
 The single-finding datasets carry their own binary labels: ``rsna-pneumonia``
 ``{"Pneumonia": 0/1}``, ``covidx`` ``{"COVID-19": 0/1}``, ``siim-pneumothorax``
-``{"Pneumothorax": 0/1}``.
+``{"Pneumothorax": 0/1}``. ``iu-xray``, ``chestxray14``, ``vindr-cxr`` and ``padchest`` map their
+own findings to binary labels, under the CheXpert column's name where one matches (each reader's
+module documents its table).
 
 Masks
 -----
-``siim-pneumothorax``, ``rsna-pneumonia`` and ``synthcxr`` (a set with a ``masks/`` folder) give
-every item a mask source per label column (:mod:`fastmsd.data.masks`): the union of the image's
-run-length masks, of its boxes, or synthcxr's PNG. Nothing is decoded here; ``prepare`` renders
-and checks them.
+``siim-pneumothorax``, ``rsna-pneumonia``, ``vindr-cxr`` and ``synthcxr`` (a set with a ``masks/``
+folder) give every item a mask source per masked label column (:mod:`fastmsd.data.masks`): the
+union of the image's run-length masks, of its boxes, or synthcxr's PNG. Nothing is decoded here;
+``prepare`` renders and checks them.
 
 Splits
 ------
@@ -45,7 +47,9 @@ train / validate / test by :func:`hash_split`: the first 8 bytes of
 ``sha256(f"{seed}:{key}")`` as a fraction of 2**64, below 0.8 -> train, below 0.9 -> validate,
 else test. The key is the RSNA patientId or the SIIM ImageId (SIIM names no patient outside
 the DICOM header; its images are nearly all one per patient). The assignment depends only on
-the key and the seed, never on which other images are present.
+the key and the seed, never on which other images are present. IU X-ray (by report) and PadChest
+(by patient) are split the same way; ChestX-ray14 and VinDr-CXR ship a test split and take
+validation from their training images by the same hash.
 """
 
 from __future__ import annotations
@@ -162,8 +166,9 @@ def _mimic_reader(dataset: str) -> Reader:
             keep_if_present(source, Item(
                 id=safe_id(rec.dicom_id), dataset=dataset, image=rec.image_path, split=rec.split,
                 view=rec.view or None, patient=rec.subject_id, study=rec.study_id, labels=labels,
-                report=report, masks={column: FileMask(root / "masks" / mask_folder(column) / f"{rec.dicom_id}.png")
-                                      for column in masked}), found, rejects)
+                report=report,
+                masks={column: FileMask(root / "masks" / mask_folder(column) / f"{rec.dicom_id}.png")
+                       for column in masked}), found, rejects)
         return found, rejects
     return read
 
@@ -364,10 +369,10 @@ def read_dataset(name: str, root: str | Path, *, frontal_only: bool = True,
                  seed: int = 0) -> tuple[list[Item], list[Reject]]:
     """The items of dataset ``name`` stored under ``root``, and the rows that gave none.
 
-    ``frontal_only`` drops lateral images (CheXpert, MIMIC-CXR, synthcxr; the other datasets
-    are frontal only). ``seed`` drives the split of datasets that ship none (RSNA, SIIM). A
-    second item with an already used id is rejected rather than allowed to overwrite the
-    first one's cache file.
+    ``frontal_only`` drops lateral images (CheXpert, CheXpert Plus, MIMIC-CXR, synthcxr, PadChest;
+    IU X-ray names no views and keeps every image; the other datasets are frontal only). ``seed``
+    drives the hashed splits. A second item with an already used id is rejected rather than
+    allowed to overwrite the first one's cache file.
     """
     reader = _READERS.get(name)
     if reader is None:

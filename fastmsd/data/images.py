@@ -17,8 +17,8 @@ from pydicom.pixels import get_decoder, pixel_array
 from pydicom.pixels.processing import apply_modality_lut, apply_voi, apply_windowing
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["RejectError", "dicom_to_uint8", "pil_to_uint8", "read_image", "resize_shorter", "shorter_side_shape",
-           "to_uint8"]
+__all__ = ["RejectError", "dicom_to_uint8", "pil_to_uint8", "read_image", "resize_shorter",
+           "shorter_side_shape", "to_uint8"]
 
 # Robust window for images without a stored one: a few hot or dead pixels (burnt-in markers,
 # detector defects) must not stretch the window the way min/max would.

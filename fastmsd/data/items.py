@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 import re
 from collections.abc import Callable, Iterator
@@ -28,6 +29,7 @@ class Item:
     study: str | None
     labels: dict[str, float | None] = field(hash=False)
     report: str | None          # raw report text (MIMIC-CXR, synthcxr), else None
+    language: str | None = None  # the report's ISO 639-1 language ("es": PadChest); None: English or none
     # label column -> where its segmentation mask comes from (SIIM, RSNA, synthcxr), else empty
     masks: dict[str, MaskSource] = field(default_factory=dict, hash=False)
 
@@ -71,8 +73,10 @@ def keep_if_present(source: str, item: Item, found: Found, rejects: list[Reject]
 
 @contextmanager
 def open_csv(path: Path, required: tuple[str, ...]) -> Iterator[csv.DictReader]:
+    """A CSV file (or a gzipped one, ``.gz``) whose header must hold the ``required`` columns."""
+    opener = gzip.open if path.suffix == ".gz" else open
     # skipinitialspace: SIIM's header reads "ImageId, EncodedPixels" and its rows " -1".
-    with open(path, newline="") as f:
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
         missing = [c for c in required if c not in (reader.fieldnames or [])]
         if missing:

@@ -6,6 +6,7 @@ image in the cache, resized to the same geometry with :func:`resize_mask`.
 
 * SIIM-ACR Pneumothorax ships run-length masks (``train-rle.csv``) on its 1024 x 1024 images;
 * RSNA Pneumonia ships boxes (``stage_2_train_labels.csv``) in pixels of its 1024 x 1024 images;
+* VinDr-CXR ships boxes (``annotations_*.csv``) in pixels of each DICOM, whose sizes differ;
 * synthcxr writes one PNG per image and finding (``masks/<finding>/<dicom_id>.png``).
 """
 
@@ -37,10 +38,11 @@ class RleMask:
 
 @dataclass(frozen=True)
 class BoxMask:
-    """The union of (x, y, width, height) boxes in pixels."""
+    """The union of (x, y, width, height) boxes in pixels of a ``shape`` grid; ``None``: the grid of the
+    image they belong to, whatever its size (VinDr-CXR annotates every DICOM on its own grid)."""
 
     boxes: tuple[tuple[float, float, float, float], ...]
-    shape: tuple[int, int] = KAGGLE_SHAPE
+    shape: tuple[int, int] | None = KAGGLE_SHAPE
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,10 @@ def render_mask(source: MaskSource, image_shape: tuple[int, int] | None = None) 
         or (isinstance(source, BoxMask) and not source.boxes)
     if negative:
         return np.zeros(image_shape or source.shape, dtype=bool)
+    if isinstance(source, BoxMask) and source.shape is None:
+        if image_shape is None:
+            raise ValueError("boxes on their image's own grid need the image's size")
+        return _boxes(source.boxes, image_shape)
     if isinstance(source, RleMask):
         height, width = source.shape
         mask = np.zeros(source.shape, dtype=bool)

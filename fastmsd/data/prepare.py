@@ -8,7 +8,8 @@ Cache layout (``--out``):
                            (label column -> mask path) when the dataset has masks
     rejects.csv            source,reason for every input that could not be prepared
     tokenizer/vocab.txt    the WordPiece vocabulary the tokens use (datasets with reports)
-    tokens.npy, lengths.npy  int32 [n, max_len] token ids and [n] lengths, manifest order
+    tokens.npy, lengths.npy  int32 [n, max_len] token ids and [n] lengths, manifest order, of the
+                           report text ``text`` chooses (the manifest keeps both sections)
     prepare.json           parameters, counts and the label columns that have masks, written
                            last: a cache is complete or absent
 
@@ -33,7 +34,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from fastmsd.config import ConfigError
-from fastmsd.data.cache import MANIFEST, MARKER, PROGRESS, REJECTS, ZEROSHOT_LIST
+from fastmsd.data.cache import MANIFEST, MARKER, PROGRESS, REJECTS, ZEROSHOT_LIST, check_text, choose_text
 from fastmsd.data.datasets import DATASETS, Item, Reject, read_dataset
 from fastmsd.data.images import RejectError, read_image, resize_shorter
 from fastmsd.data.masks import MaskSource, mask_folder, render_mask, resize_mask
@@ -44,8 +45,9 @@ _BLANK = re.compile(r"_{2,}")
 
 
 def report_sections(text: str) -> tuple[str, str]:
-    """FINDINGS and IMPRESSION, whitespace normalised; de-identification blanks of any length
-    become "___", as MIMIC mostly writes them, so one token stands for every removed name."""
+    """FINDINGS and IMPRESSION, whitespace normalised, with MIMIC-CXR's fallback when both are
+    missing (see :func:`fastmsd.data.mimic.extract_sections`); de-identification blanks of any
+    length become "___", as MIMIC mostly writes them, so one token stands for every removed name."""
     sections = extract_sections(_BLANK.sub("___", text))
     return sections["findings"], sections["impression"]
 
@@ -126,8 +128,12 @@ def _is_done(item: Item, done: dict[str, dict]) -> bool:
 
 def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
             workers: int | None = None, vocab_size: int = 30522, max_len: int = 128,
-            tokenizer: str | Path | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Prepare ``dataset`` from ``root`` into the cache ``out``; returns the counts."""
+            tokenizer: str | Path | None = None, seed: int = 0, text: str = "both",
+            progress: bool = True) -> dict:
+    """Prepare ``dataset`` from ``root`` into the cache ``out``; returns the counts.
+
+    ``text`` is the report text tokenized, one of ``TEXT_CHOICES`` (see
+    :func:`fastmsd.data.cache.choose_text`)."""
     from fastmsd.data.text import load_tokenizer, tokenize, train_wordpiece
 
     if dataset not in DATASETS:
@@ -135,9 +141,10 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
     root, out = Path(root), Path(out)
     if not root.is_dir():
         raise ConfigError(f"dataset folder {root} not found")
+    check_text(text)
     params = {"dataset": dataset, "root": str(root.resolve()), "size": size, "version": VERSION,
               "seed": seed, "max_len": max_len, "vocab_size": vocab_size,
-              "tokenizer": None if tokenizer is None else str(tokenizer)}
+              "tokenizer": None if tokenizer is None else str(tokenizer), "text": text}
     _check_params(out, params)
     items, rejects = read_dataset(dataset, root, seed=seed)
     found = len(items) + len(rejects)
@@ -149,11 +156,9 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
     for item in items:
         if item.report is not None:
             findings, impression = report_sections(item.report)
-            if not (findings or impression or item.report.strip()):
+            if not (findings or impression):  # the fallback leaves a report with any text non-empty
                 rejects.append(Reject(str(item.image), "empty report"))
                 continue
-            if not (findings or impression):  # no section headers: the whole text is the report
-                findings = " ".join(item.report.split())
             sections[item.id] = (findings, impression)
         todo.append(item)
     done = _load_progress(out)
@@ -187,7 +192,7 @@ def prepare(dataset: str, root: str | Path, out: str | Path, *, size: int = 512,
         writer.writerow(["source", "reason"])
         writer.writerows(sorted((r.source, r.reason) for r in rejects))
     if sections:
-        texts = [" ".join(sections[row["id"]]).strip() for row in rows]
+        texts = [choose_text(*sections[row["id"]], text) for row in rows]
         if tokenizer is not None:
             tok = load_tokenizer(tokenizer)
             tok.save_pretrained(out / "tokenizer")  # the tokenizer files only, never model weights
