@@ -10,7 +10,7 @@ setup(
     # kernels/ lives at the top of the repo and imports as fastmsd.kernels through the link
     # fastmsd/kernels; it has no __init__.py, so it never shadows the `kernels` distribution that
     # transformers imports (kernels/dispatch.py says why).
-    package_data={"fastmsd.eval": ["prompts.yaml"]},
+    package_data={"fastmsd.eval": ["prompts.yaml"], "fastmsd.data": ["label_prompts.yaml"]},
     install_requires=[
         "torch>=2.4,<=2.14.1",
         "torchvision",
