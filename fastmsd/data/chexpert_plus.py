@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 from pathlib import Path, PurePosixPath
 
-from .items import RAGGED, Found, Item, Reject, open_csv, ragged, require, safe_id
+from .items import RAGGED, Found, Item, Reject, open_csv, ragged, require, safe_id, sectioned_report
 from .synthcxr import CHEXPERT_COLUMNS
 
 CSV = "df_chexpert_plus_240401.csv"
@@ -70,13 +70,6 @@ def _read_label_file(path: Path, rejects: list[Reject]) -> dict[str, _Values]:
                 continue
             labels[entry["path_to_image"].strip()] = tuple(entry.get(c) for c in CHEXPERT_COLUMNS)
     return labels
-
-
-def _report(findings: str, impression: str) -> str:
-    # Each section on one line: a capitalised "LUNGS:" opening a line of the findings would read
-    # as a section header of its own to prepare's parser, and its text would be lost.
-    sections = (("FINDINGS", findings), ("IMPRESSION", impression))
-    return "\n".join(f"{header}: {' '.join(text.split())}" for header, text in sections if text)
 
 
 def read(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]]:
@@ -135,5 +128,5 @@ def read(root: Path, frontal_only: bool, seed: int) -> tuple[Found, list[Reject]
                 id=safe_id(f"{patient}_{study}_{rel.stem}"), dataset="chexpert-plus", image=image,
                 split=split, view=(row["ap_pa"].strip().upper() or None) if frontal else "LATERAL",
                 patient=patient, study=f"{patient}_{study}", labels=labels,
-                report=_report(findings, impression))))
+                report=sectioned_report(findings, impression))))
     return found, rejects

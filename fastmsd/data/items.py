@@ -84,6 +84,15 @@ def open_csv(path: Path, required: tuple[str, ...]) -> Iterator[csv.DictReader]:
         yield reader
 
 
+def sectioned_report(findings: str, impression: str) -> str:
+    """A report shipped as separate FINDINGS and IMPRESSION texts, written so that ``prepare``'s
+    section parser reads both back: "FINDINGS: ...\nIMPRESSION: ...", the sections that have text,
+    each on one line (a capitalised "LUNGS:" opening a line inside a section would read as a header
+    of its own, and its text would be lost)."""
+    sections = (("FINDINGS", findings), ("IMPRESSION", impression))
+    return "\n".join(f"{header}: {' '.join(text.split())}" for header, text in sections if text.strip())
+
+
 RAGGED = "malformed row: its number of fields differs from the header's"
 
 

@@ -76,7 +76,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.parsers import expat
 
-from .items import Found, Item, Reject, hash_split, keep_if_present, require, safe_id
+from .items import Found, Item, Reject, hash_split, keep_if_present, require, safe_id, sectioned_report
 from .synthcxr import CHEXPERT_COLUMNS
 
 DATASET = "iu-xray"
@@ -184,10 +184,10 @@ def mesh_labels(terms: list[str]) -> dict[str, float | None]:
 
 
 def report_text(sections: dict[str, str]) -> str:
-    """"FINDINGS: ...\\nIMPRESSION: ..." of the sections that have text ('' when neither has)."""
-    lines = [f"{name}: {_DEIDENTIFIED.sub('___', sections[name])}"
-             for name in ("FINDINGS", "IMPRESSION") if sections.get(name)]
-    return "\n".join(lines)
+    """The report's FINDINGS and IMPRESSION as ``prepare`` reads them ('' when neither has text)."""
+    findings, impression = (_DEIDENTIFIED.sub("___", sections.get(name, ""))
+                            for name in ("FINDINGS", "IMPRESSION"))
+    return sectioned_report(findings, impression)
 
 
 def _image_folder(root: Path) -> Path:
