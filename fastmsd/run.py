@@ -131,8 +131,8 @@ def new_run_dir(cfg: Config) -> Path:
 
 def training_data(cfg: Config, generate: bool) -> list[Source]:
     """The training sources ``--data`` names: one cache (weight 1), or a mix's caches in its order
-    with their weights. A cache without reports trains on texts written from its labels by the
-    ``--label-prompts`` grammar, unless ``--no-label-text``."""
+    with their weights. A cache without reports, or with reports not in English, trains on texts
+    written from its labels by the ``--label-prompts`` grammar, unless ``--no-label-text``."""
     t = cfg.train
     mix = parse_data(t.data)
     caches = [(ensure_data(t.data, generate), 1.0)] if mix is None else \
@@ -142,8 +142,8 @@ def training_data(cfg: Config, generate: bool) -> list[Source]:
 
 
 def check_vocabulary(cfg: Config, sources: Sequence[Source], vocabulary: Path | None) -> None:
-    """Refuse data without a vocabulary: caches without reports only, and neither a local text
-    encoder folder nor an ``--init`` vocabulary (``run_tokens`` takes the first of those)."""
+    """Refuse data without a vocabulary: no source that trains on its reports, and neither a local
+    text encoder folder nor an ``--init`` vocabulary (``run_tokens`` takes the first of those)."""
     if vocabulary is None and not Path(cfg.model.text_encoder).is_dir() and \
             not any(s.texts is None for s in sources):
         raise ConfigError("no cache of --data trains on its reports to give the run its vocabulary: mix in "
@@ -154,7 +154,7 @@ def check_vocabulary(cfg: Config, sources: Sequence[Source], vocabulary: Path | 
 def run_tokens(cfg: Config, sources: Sequence[Source], run_dir: Path, save: bool = True,
                vocabulary: Path | None = None):
     """The run's tokenizer and the token arrays of the sources' training items, end to end: the
-    vocabulary of the first cache with reports, copied into the run folder (``save``, so that
+    vocabulary of the first source that trains on its reports, copied into the run folder (``save``, so that
     evaluation needs only the run), with the cached arrays of every cache of that vocabulary and
     the other texts (reports of another vocabulary, label texts) tokenized by it; or, when the
     text encoder is a local model folder, that model's tokenizer over all the texts.

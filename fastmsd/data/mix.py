@@ -1,12 +1,12 @@
 """Pretraining on several caches at once: ``--data PATH=WEIGHT,PATH=WEIGHT,...``.
 
 Each cache of the mix is a ``Source``: its training rows and the texts they train on, its reports
-or, for a cache without reports, texts written from its labels (:mod:`fastmsd.data.label_text`;
-images whose labels are all unknown are left out, and counted). The run lays the sources' items
-end to end, in the order ``--data`` names them, as one index space (tokens, image paths), and a
-``MixStream`` draws each effective batch from it by weight. The first cache with reports gives
-the run its vocabulary, which tokenizes every other source's texts (``fastmsd.run.run_tokens``);
-the run evaluates on the first cache of the mix.
+or, for a cache without reports (or with reports not in English), texts written from its labels
+(:mod:`fastmsd.data.label_text`; images whose labels are all unknown are left out, and counted).
+The run lays the sources' items end to end, in the order ``--data`` names them, as one index
+space (tokens, image paths), and a ``MixStream`` draws each effective batch from it by weight.
+The first source that trains on its reports gives the run its vocabulary, which tokenizes every
+other source's texts (``fastmsd.run.run_tokens``); the run evaluates on the first cache of the mix.
 
 Sampling: every slot of an effective batch picks its cache by weight, from a generator keyed by
 (seed, batch number); each cache hands out its next items from its own seeded shuffle per epoch,
